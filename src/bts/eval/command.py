@@ -1,0 +1,242 @@
+"""``bts eval``: evaluate a Hugging Face model directory with the suite or with lm-eval.
+
+    bts eval --model DIR [--tokenizer DIR] [--tasks ppl,math,translation,code,general] [--out metrics.json]
+             [--seq-len 128] [--set math_items=64 --set humaneval_items=0 ...]
+    bts eval --harness --model DIR --harness-tasks mmlu,gsm8k [--num-fewshot 5] [--include-path DIR]
+             [--limit N] [--out results.json]
+
+The first form runs ``bts.eval.suite.evaluate`` on a dense or merged model (``bts.modeling.load_causal_lm``)
+and writes one ``metrics.json`` method entry; BTS stitch directories and the other non-HF baselines are
+evaluated from Python (``evaluate(model, tokenizer)``) by the reproduction. The second form delegates to
+``lm_eval.simple_evaluate`` with the ``bts`` adapter (``bts.eval.harness``). Without ``--out`` the JSON goes to
+stdout. Bad input prints one line ``error: ...`` on stderr and exits 2; output files are written atomically,
+so a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bts.io import BTSError, atomic_write_text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own usage dump is multi-line)
+        raise BTSError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bts.eval.suite import DEFAULT_TASKS, TASK_GROUPS, TASKS
+
+    p = _Parser(
+        prog="bts eval",
+        description="Evaluate a Hugging Face model directory with the BTS suite (held-out perplexity + downstream "
+        "tasks) or, with --harness, with lm-evaluation-harness.",
+        epilog="suite tasks: ppl, " + ", ".join(f"{g} ({', '.join(m)})" for g, m in TASK_GROUPS.items())
+        + ". Metric definitions: bts.eval.suite.TASKS. " + f"{len(TASKS)} downstream metrics in 'avg'.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--out", help="write the JSON here (atomically) instead of stdout")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
+    suite = p.add_argument_group("suite (default mode)")
+    suite.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                       help="comma-separated: ppl and task groups or metric names (default: %(default)s)")
+    suite.add_argument("--cache-dir", help="data cache directory (bts.data)")
+    suite.add_argument("--data", help="JSONL file of test records (each with a 'domain' field) to use instead of "
+                       "the data layer's test splits")
+    suite.add_argument("--seq-len", type=int, default=128, help="perplexity block length / prompt context")
+    suite.add_argument("--seed", type=int, default=None, help="item-selection seed (EvalConfig.seed)")
+    suite.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override an EvalConfig field, e.g. --set math_items=64 (repeatable)")
+    suite.add_argument("--no-progress", action="store_true", help="no progress bars")
+    h = p.add_argument_group("lm-eval harness (--harness)")
+    h.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks instead of the suite")
+    h.add_argument("--harness-tasks", help="comma-separated lm-eval task names (e.g. mmlu,gsm8k)")
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task's own)")
+    h.add_argument("--include-path", help="directory with extra lm-eval task YAMLs")
+    h.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
+    h.add_argument("--batch-size", type=int, default=1, help="rows per log-likelihood forward pass")
+    h.add_argument("--max-length", type=int, default=None, help="context length (default: model config)")
+    h.add_argument("--log-samples", action="store_true", help="include per-sample outputs in the JSON")
+    return p
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg:
+        try:
+            torch.device(arg)
+        except RuntimeError:
+            raise BTSError(f"unknown device {arg!r}") from None
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(arg: str):
+    import torch
+
+    dt = getattr(torch, arg.replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise BTSError(f"unknown dtype {arg!r}")
+    return dt
+
+
+def _check_out(path: str | None) -> None:
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise BTSError(f"--out is a directory: {out}")
+
+
+def load_model_and_tokenizer(model_dir, tokenizer_dir=None, device: str = "cpu", dtype=None):
+    """A Hugging Face directory as a ``LanguageModel`` (``HFLanguageModel``, eval mode) and its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bts.eval.interface import HFLanguageModel
+    from bts.modeling import load_causal_lm
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise BTSError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    tok_dir = Path(tokenizer_dir or model_dir)
+    if not tok_dir.is_dir():
+        raise BTSError(f"tokenizer directory not found: {tok_dir}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(f"cannot load tokenizer from {tok_dir}: {first}") from None
+    hf = load_causal_lm(model_dir, dtype=dtype or torch.float32)
+    if len(tok) > hf.config.vocab_size:
+        raise BTSError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {hf.config.vocab_size}")
+    return HFLanguageModel(hf.to(device)).eval(), tok
+
+
+def _read_records(path) -> dict[str, list[dict]]:
+    data: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BTSError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "domain" not in rec or "text" not in rec:
+                raise BTSError(f"{path}:{i}: a record needs 'domain' and 'text' fields")
+            data.setdefault(str(rec["domain"]), []).append(rec)
+    return data
+
+
+def _run_suite(args) -> dict:
+    from bts.eval.suite import EvalConfig, evaluate, resolve_tasks
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise BTSError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    if args.seed is not None:
+        overrides["seed"] = str(args.seed)
+    cfg = EvalConfig.from_overrides(overrides)
+    resolve_tasks(args.tasks)  # validate names before loading anything
+    data = _read_records(args.data) if args.data else None
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype))
+    result = evaluate(model, tok, tasks=args.tasks, cfg=cfg, cache_dir=args.cache_dir, seq_len=args.seq_len,
+                      progress=not args.no_progress, data=data)
+    result["info"]["model"] = str(args.model)
+    result["info"]["config"] = cfg.to_dict()
+    return result
+
+
+def _run_harness(args) -> dict:
+    if not args.harness_tasks:
+        raise BTSError("--harness needs --harness-tasks (comma-separated lm-eval task names)")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise BTSError("lm-eval is not installed: pip install -e '.[harness]'") from None
+    from bts.eval.harness import BTSHarnessLM
+
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise BTSError(f"--include-path is not a directory: {args.include_path}")
+    tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
+    tm = None
+    if args.include_path:  # indexing lm-eval's own ~10k task files takes seconds: skip it when not needed
+        tm = TaskManager(include_path=args.include_path, include_defaults=False)
+        if not all(t in set(tm.all_tasks) for t in tasks):
+            tm = None
+    if tm is None:
+        tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    known = set(tm.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise BTSError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    if not (Path(args.model) / "config.json").is_file():
+        raise BTSError(f"not a Hugging Face model directory (no config.json): {args.model}")
+    lm = BTSHarnessLM(pretrained=args.model, tokenizer=args.tokenizer or args.model, device=_device(args.device),
+                      dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, task_manager=tm,
+                                  limit=limit, log_samples=args.log_samples)
+    if res is None:  # non-zero rank
+        return {}
+    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+            "n-samples", "samples")
+    out = {k: res[k] for k in keep if k in res}
+    out["model"] = str(args.model)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries only our progress bars and the one-line error
+    try:
+        parser = build_parser()
+        if any(a in ("-h", "--help") for a in argv):
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
+        _check_out(args.out)
+        if args.harness:
+            result = _run_harness(args)
+        else:
+            if args.harness_tasks or args.include_path or args.num_fewshot is not None:
+                raise BTSError("--harness-tasks/--include-path/--num-fewshot need --harness")
+            result = _run_suite(args)
+        text = json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+        if args.out:
+            atomic_write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    except BTSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else f"error: {e}",
+              file=sys.stderr)
+        return 2
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

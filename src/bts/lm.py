@@ -1,0 +1,241 @@
+"""Training modules. ``LMTrainingModule`` is the one training loop every trainable method shares (seed, experts,
+BTS stitch layers, trained baselines): next-token cross-entropy, AdamW over the parameters that require grad,
+the paper's warmup + cosine-to-1 % schedule, per-domain held-out perplexity (``val/<domain>/ppl``).
+``CausalLMModule`` trains a dense Llama-architecture model: seed pretraining, and expert continued pretraining
+when ``init_from`` points at the seed's Hugging Face directory (branching = loading the seed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from bts.eval.interface import greedy_or_sample_uncached
+from bts.eval.perplexity import DomainPerplexity, token_nll
+from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir
+from bts.modeling import LlamaArch, build_llama, load_causal_lm
+from bts.params import ParamCounts, count_params
+from bts.schedule import warmup_cosine
+
+
+class LMTrainingModule(L.LightningModule):
+    """Base class: subclasses implement ``forward(input_ids) -> logits [B, T, V]`` and may override
+    ``extra_loss`` (e.g. a load-balancing loss), ``save_artifact`` and ``param_counts``.
+
+    ``artifact_kind`` names the loader (entry point group ``bts.artifacts``) that reads the saved artifact back
+    for evaluation; ``None`` means the artifact is a plain Hugging Face directory.
+    """
+
+    artifact_kind: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        lr: float = 3e-3,
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.01,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        output_dir: str | None = None,
+    ):
+        super().__init__()
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.output_dir = output_dir
+        self._ppl: dict[str, DomainPerplexity] = {}
+        self._tokens_seen = 0
+        self._train_time = 0.0
+        self._t0: float | None = None
+        if output_dir is not None:
+            ensure_writable_dir(Path(output_dir).parent)
+
+    # --- interface -------------------------------------------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        """Auxiliary loss of the last forward (None if the method has none)."""
+        return None
+
+    def param_counts(self) -> ParamCounts:
+        n = count_params(self)
+        return ParamCounts(trained=count_params(self, trainable_only=True), total=n, active=n)
+
+    def save_artifact(self, out_dir: Path) -> None:
+        """Write the trained artifact into ``out_dir`` (a fresh temporary directory)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, do_sample=False, temperature=1.0, generator=None):
+        return greedy_or_sample_uncached(self, input_ids, max_new_tokens, eos_token_id, do_sample, temperature, generator)
+
+    # --- training --------------------------------------------------------------------------------------------
+    def lm_loss(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        logits = self(input_ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        extra = self.extra_loss()
+        return loss if extra is None else loss + extra
+
+    def training_step(self, batch, batch_idx):
+        input_ids = batch["input_ids"]
+        loss = self.lm_loss(input_ids)
+        if not torch.isfinite(loss):
+            raise BTSError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self._tokens_seen += input_ids.numel()
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._t0 is not None:
+            self._train_time += time.perf_counter() - self._t0
+            if self._train_time > 0:
+                self.log("train/tokens_per_s", self._tokens_seen / self._train_time, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise BTSError(f"{type(self).__name__} has no trainable parameters")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    def _domains(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, "eval_domains", ["all"]))
+
+    def _eval_step(self, batch, dataloader_idx: int) -> None:
+        domain = self._domains()[dataloader_idx]
+        if domain not in self._ppl:
+            self._ppl[domain] = DomainPerplexity().to(self.device)
+        self._ppl[domain].update(token_nll(self(batch["input_ids"]), batch["input_ids"]))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        ppls = {}
+        for domain, metric in self._ppl.items():
+            ppls[domain] = metric.compute()
+            self.log(f"{stage}/{domain}/ppl", ppls[domain], prog_bar=False)
+            metric.reset()
+        if ppls:
+            mean_log = torch.stack([p.log() for p in ppls.values()]).mean()
+            self.log(f"{stage}/loss", mean_log, prog_bar=True)
+        self._ppl = {}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    # --- artifact ----------------------------------------------------------------------------------------------
+    def on_fit_end(self):
+        if self.output_dir is not None:
+            self._write_output()
+
+    @rank_zero_only
+    def _write_output(self) -> None:
+        with atomic_dir(self.output_dir) as tmp:
+            self.save_artifact(tmp)
+            dm = getattr(self.trainer, "datamodule", None)
+            if getattr(dm, "tokenizer", None) is not None:
+                dm.tokenizer.save_pretrained(tmp)
+            if self.artifact_kind is not None:
+                atomic_write_json(tmp / "artifact.json", {"kind": self.artifact_kind})
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+            atomic_write_json(
+                tmp / "training.json",
+                {
+                    "module": type(self).__name__,
+                    "global_step": int(self.global_step),
+                    "tokens_seen": int(self._tokens_seen),
+                    "train_seconds": round(self._train_time, 3),
+                    "tokens_per_s": round(self._tokens_seen / self._train_time, 1) if self._train_time else None,
+                    "params": self.param_counts().to_dict(),
+                    "final_metrics": metrics,
+                },
+            )
+
+
+class CausalLMModule(LMTrainingModule):
+    """A dense causal LM: the seed (built from ``arch``) or an expert branched from ``init_from``."""
+
+    def __init__(
+        self,
+        arch: LlamaArch | dict | None = None,
+        init_from: str | None = None,
+        seed: int = 0,
+        lr: float = 3e-3,
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.01,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        output_dir: str | None = None,
+    ):
+        """
+        Args:
+            arch: architecture of a model trained from scratch (ignored when ``init_from`` is set).
+            init_from: Hugging Face directory to continue from (branching an expert from the seed).
+            seed: seed of the random initialisation.
+            lr: peak learning rate (AdamW).
+            warmup_steps: linear warmup steps before the cosine decay.
+            min_lr_ratio: final lr as a fraction of the peak (paper: 1 %).
+            weight_decay: AdamW weight decay on matrices.
+            betas: AdamW betas.
+            output_dir: where the final Hugging Face directory (model + tokenizer, safetensors) is written.
+        """
+        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        arch = LlamaArch(**arch) if isinstance(arch, dict) else (arch or LlamaArch())
+        # hparams hold the architecture as a plain dict so Lightning checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["arch"])
+        self.hparams["arch"] = asdict(arch)
+        if init_from is not None:
+            self.model = load_causal_lm(init_from)
+        else:
+            self.model = build_llama(arch, seed=seed)
+        self.model.config.use_cache = False
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None and len(tok) != self.model.config.vocab_size:
+            raise BTSError(
+                f"model.vocab_size={self.model.config.vocab_size} does not match the tokenizer's {len(tok)} tokens"
+            )
+
+    def save_artifact(self, out_dir: Path) -> None:
+        self.model.config.use_cache = True
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        if self.hparams.init_from is not None:
+            (out_dir / "branched_from.json").write_text(json.dumps({"init_from": str(self.hparams.init_from)}))
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

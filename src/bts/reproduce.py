@@ -1,0 +1,386 @@
+"""`bts reproduce`: the whole paper at laptop scale, one resumable pipeline (DESIGN.md §6).
+
+data -> tokenizer -> seed -> experts -> baselines -> BTS -> ablations -> evaluation -> results/<profile>/.
+Each stage is listed in ``configs/reproduce/<profile>.yaml``. A stage is reused when its output exists and its
+recorded hash (its resolved config, the overrides, and the hashes of the stages it depends on) matches; an
+interrupted training stage resumes from its last Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bts.io import (
+    BTSError,
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    ensure_writable_dir,
+    exclusive_lock,
+)
+
+DEFAULT_RUN_ROOT = "runs/tiny"
+
+
+@dataclass
+class StageSpec:
+    name: str
+    kind: str  # "fit" | "merge" | "command"
+    config: str | None = None
+    family: str = "dense"
+    after: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    report: str = "method"  # "method" | "ablation" | "none" (an intermediate stage, not a table row)
+
+
+@dataclass
+class Profile:
+    profile: str
+    runs_dir: str
+    results_dir: str
+    stages: list[StageSpec]
+    tokenizer_vocab_size: int = 2048
+    val_tokens_per_domain: int = 16
+    eval_threads: int | None = 1  # batch-1 decoding of tiny models is latency-bound: one thread avoids sync cost
+    fit_overrides: list[str] = field(default_factory=list)
+    model_overrides: dict[str, list[str]] = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path("configs/reproduce") / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise BTSError(f"unknown reproduction profile '{name_or_path}' (no {path})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "base" in raw:  # a profile may extend another one and override some of its keys
+        base_name = raw.pop("base")
+        base = yaml.safe_load((path.parent / f"{base_name}.yaml").read_text())
+        raw = {**base, **raw}
+    known = set(Profile.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BTSError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    stages = []
+    for s in raw.get("stages", []):
+        bad = sorted(set(s) - set(StageSpec.__dataclass_fields__))
+        if bad:
+            raise BTSError(f"{path}: stage {s.get('name')}: unknown key '{bad[0]}'")
+        stages.append(StageSpec(**s))
+    raw["stages"] = stages
+    return Profile(**raw)
+
+
+class Pipeline:
+    def __init__(self, profile: Profile, seed: int, force: list[str] | None = None, progress: bool = True):
+        self.p = profile
+        self.seed = seed
+        self.runs = Path(profile.runs_dir if seed == 0 else f"{profile.runs_dir}/seed_{seed}")
+        self.state_dir = self.runs / ".stages"
+        self.force = set(force or [])
+        self.progress = progress
+        self.hashes: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+    def _record(self, name: str) -> dict | None:
+        f = self.state_dir / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _done(self, name: str, h: str, output: Path | None) -> bool:
+        rec = self._record(name)
+        ok = rec is not None and rec.get("hash") == h and rec.get("status") == "done"
+        return ok and (output is None or output.exists()) and name not in self.force
+
+    def _mark(self, name: str, h: str, status: str, **extra) -> None:
+        atomic_write_json(self.state_dir / f"{name}.json", {"hash": h, "status": status, **extra})
+
+    def log(self, msg: str) -> None:
+        print(f"[reproduce:{self.p.profile}:seed{self.seed}] {msg}", flush=True)
+
+    # --- stages ------------------------------------------------------------------------------------------------
+    def run_data(self) -> None:
+        from bts.data import ensure_built
+
+        t = time.perf_counter()
+        ensure_built()
+        self.timings["data"] = time.perf_counter() - t
+
+    def tokenizer_dir(self) -> Path:
+        return self.runs / "tokenizer"
+
+    def run_tokenizer(self) -> None:
+        from bts.data.tokenizer import train_tokenizer
+
+        h = config_hash({"vocab": self.p.tokenizer_vocab_size})
+        self.hashes["tokenizer"] = h
+        out = self.tokenizer_dir()
+        if self._done("tokenizer", h, out):
+            self.log("tokenizer: reused")
+            return
+        t = time.perf_counter()
+        self.log(f"tokenizer: training BPE (vocab {self.p.tokenizer_vocab_size})")
+        train_tokenizer(out, vocab_size=self.p.tokenizer_vocab_size)
+        self.timings["tokenizer"] = time.perf_counter() - t
+        self._mark("tokenizer", h, "done")
+
+    def resolve_config(self, stage: StageSpec) -> Path:
+        """Copy the stage config with the run root rewritten to this run's directory."""
+        text = Path(stage.config).read_text()
+        root = self.runs.as_posix()
+        text = text.replace(f"{DEFAULT_RUN_ROOT}/", f"{root}/")
+        out = self.runs / "configs" / f"{stage.name}.yaml"
+        atomic_write_text(out, text)
+        return out
+
+    def _fit_args(self, stage: StageSpec, cfg_path: Path) -> tuple[list[str], dict]:
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cls = cfg["model"]["class_path"].rsplit(".", 1)[-1]
+        args = ["fit", "--config", str(cfg_path), f"--seed_everything={self.seed}"]
+        args += list(self.p.fit_overrides) + list(self.p.model_overrides.get(cls, [])) + list(stage.args)
+        return args, cfg
+
+    def run_fit(self, stage: StageSpec) -> Path:
+        from bts.cli import run_lightning
+
+        cfg_path = self.resolve_config(stage)
+        args, cfg = self._fit_args(stage, cfg_path)
+        output = Path(cfg["model"]["init_args"]["output_dir"])
+        h = config_hash({"cfg": cfg_path.read_text(), "args": args, "deps": [self.hashes[d] for d in stage.after],
+                         "tok": self.hashes.get("tokenizer")})
+        self.hashes[stage.name] = h
+        if self._done(stage.name, h, output):
+            self.log(f"{stage.name}: reused ({output})")
+            return output
+        ckpt_dir = self._ckpt_dir(cfg)
+        rec = self._record(stage.name)
+        resume = None
+        if rec and rec.get("hash") == h and ckpt_dir and (ckpt_dir / "last.ckpt").is_file():
+            resume = ckpt_dir / "last.ckpt"
+            self.log(f"{stage.name}: resuming from {resume}")
+        elif ckpt_dir and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        self._mark(stage.name, h, "started")
+        self.log(f"{stage.name}: bts {' '.join(args)}")
+        t = time.perf_counter()
+        cli = run_lightning(args[1:], run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume) if resume else None,
+                        weights_only=True)
+        self.timings[stage.name] = time.perf_counter() - t
+        if not output.exists():
+            raise BTSError(f"stage {stage.name} finished without writing {output}")
+        self._mark(stage.name, h, "done", seconds=round(self.timings[stage.name], 1))
+        return output
+
+    @staticmethod
+    def _ckpt_dir(cfg: dict) -> Path | None:
+        for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
+            if cb.get("class_path", "").endswith("ModelCheckpoint"):
+                d = cb.get("init_args", {}).get("dirpath")
+                return Path(d) if d else None
+        return None
+
+    def run_command(self, stage: StageSpec) -> Path:
+        """A project subcommand stage: ``bts <args...>`` (``{runs}`` in args is this run's directory), with
+        ``--config <resolved copy>`` appended when the stage names a config. The output is ``--out`` or the
+        config's ``out`` key."""
+        from bts.cli import main as bts_main
+
+        args = [a.replace("{runs}", self.runs.as_posix()) for a in stage.args]
+        cfg_text = ""
+        output = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        if stage.config:
+            cfg_path = self.resolve_config(stage)
+            cfg_text = cfg_path.read_text()
+            args += ["--config", str(cfg_path)]
+            output = output or Path(yaml.safe_load(cfg_text)["out"])
+        h = config_hash({"args": args, "cfg": cfg_text, "deps": [self.hashes[d] for d in stage.after]})
+        self.hashes[stage.name] = h
+        if self._done(stage.name, h, output):
+            self.log(f"{stage.name}: reused")
+            return output
+        self.log(f"{stage.name}: bts {' '.join(args)}")
+        t = time.perf_counter()
+        rc = bts_main(args)
+        if rc != 0:
+            raise BTSError(f"stage {stage.name} failed (exit {rc})")
+        self.timings[stage.name] = time.perf_counter() - t
+        self._mark(stage.name, h, "done", seconds=round(self.timings[stage.name], 1))
+        return output
+
+    def write_val_tokens(self) -> None:
+        """Token blocks of the BTS validation mixture (``<runs>/val_tokens.npy``), used to choose merge λ."""
+        import numpy as np
+
+        from bts.data import DomainMixDataModule
+
+        out = self.runs / "val_tokens.npy"
+        h = config_hash({"tok": self.hashes.get("tokenizer"), "n": self.p.val_tokens_per_domain})
+        self.hashes["val_tokens"] = h
+        if self._done("val_tokens", h, out):
+            return
+        dm = DomainMixDataModule(tokenizer_dir=str(self.tokenizer_dir()), mixture="bts",
+                                 val_blocks_per_domain=self.p.val_tokens_per_domain)
+        dm.setup("validate")
+        blocks = [b["input_ids"] for loader in dm.val_dataloader() for b in loader]
+        import torch
+
+        from bts.io import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, torch.cat(blocks).numpy())
+        self._mark("val_tokens", h, "done")
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+    def evaluate_stage(self, stage: StageSpec, output: Path) -> dict:
+        from bts.eval.loading import load_for_eval
+        from bts.eval.suite import EvalConfig, evaluate
+
+        unknown = sorted(set(self.p.eval) - set(EvalConfig.__dataclass_fields__))
+        if unknown:
+            raise BTSError(f"profile {self.p.profile}: unknown eval key '{unknown[0]}'")
+        cfg = EvalConfig(**self.p.eval)
+        h = config_hash({"stage": self.hashes[stage.name], "eval": self.p.eval})
+        cache = output / "eval.json"
+        if cache.is_file():
+            rec = json.loads(cache.read_text())
+            if rec.get("hash") == h and stage.name not in self.force:
+                return rec["result"]
+        t = time.perf_counter()
+        import torch
+
+        model, tokenizer, params = load_for_eval(output)
+        threads = torch.get_num_threads()
+        if self.p.eval_threads:
+            torch.set_num_threads(self.p.eval_threads)
+        try:
+            result = evaluate(model, tokenizer, cfg=cfg, progress=self.progress)
+        finally:
+            torch.set_num_threads(threads)
+        result = {"family": stage.family, "params": params, **result}
+        atomic_write_json(cache, {"hash": h, "result": result})
+        self.timings[f"eval_{stage.name}"] = time.perf_counter() - t
+        return result
+
+    def run(self) -> dict:
+        ensure_writable_dir(self.runs)
+        t0 = time.perf_counter()
+        self.log("data: building / checking the embedded corpus")
+        self.run_data()
+        self.run_tokenizer()
+        self.write_val_tokens()
+        methods, ablations = {}, {}
+        for stage in self.p.stages:
+            missing = [d for d in stage.after if d not in self.hashes]
+            if missing:
+                raise BTSError(f"stage {stage.name} runs after unknown stage(s): {', '.join(missing)}")
+            if stage.kind == "fit":
+                output = self.run_fit(stage)
+            elif stage.kind == "command":
+                output = self.run_command(stage)
+            else:
+                raise BTSError(f"stage {stage.name}: unknown kind '{stage.kind}' (fit, command)")
+            report = stage.report or "method"
+            if report == "none":
+                continue
+            self.log(f"{stage.name}: evaluating")
+            result = self.evaluate_stage(stage, output)
+            (ablations if report == "ablation" else methods)[stage.name] = result
+        return {"methods": methods, "ablations": ablations, "timings": self.timings,
+                "wall_seconds": time.perf_counter() - t0}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every float; a sibling '<key>_std' holds the standard deviation (DESIGN.md §6)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+
+    def agg(values):
+        first = values[0]
+        if isinstance(first, dict):
+            out = {}
+            for k in first:
+                vals = [v[k] for v in values if k in v]
+                out[k] = agg(vals)
+                if isinstance(first[k], float):
+                    mean = sum(vals) / len(vals)
+                    out[f"{k}_std"] = math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))
+            return out
+        if isinstance(first, float):
+            return sum(values) / len(values)
+        return first
+
+    return agg(per_seed)
+
+
+def model_config_summary(runs: Path) -> dict:
+    cfg = json.loads((runs / "seed" / "config.json").read_text())
+    return {
+        "d_model": cfg["hidden_size"],
+        "n_layers": cfg["num_hidden_layers"],
+        "vocab_size": cfg["vocab_size"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bts reproduce", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="tiny", help="configs/reproduce/<profile>.yaml or a path (default: tiny)")
+    ap.add_argument("--seeds", type=int, default=1, help="number of seeds; with >1 floats are mean with *_std")
+    ap.add_argument("--force", nargs="*", default=[], help="stage names to rerun even if reusable")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        raise BTSError(f"--seeds must be >= 1 (got {args.seeds})")
+    profile = load_profile(args.profile)
+    results_dir = ensure_writable_dir(profile.results_dir)
+    ensure_writable_dir(profile.runs_dir)
+    with exclusive_lock(Path(profile.runs_dir) / ".lock", f"run directory {profile.runs_dir}"):
+        return _reproduce(profile, results_dir, args)
+
+
+def _reproduce(profile: Profile, results_dir: Path, args) -> int:
+    t0 = time.perf_counter()
+    per_seed, timings = [], {}
+    for s in range(args.seeds):
+        out = Pipeline(profile, s, args.force, progress=not args.no_progress).run()
+        per_seed.append({"methods": out["methods"], "ablations": out["ablations"]})
+        timings[f"seed{s}"] = {k: round(v, 1) for k, v in out["timings"].items()}
+    merged = aggregate_seeds(per_seed)
+    from bts.report import write_results
+
+    summary = model_config_summary(Path(profile.runs_dir))
+    metrics = {
+        "profile": profile.profile,
+        "seeds": list(range(args.seeds)),
+        "git_commit": _git_commit(),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "config": {**summary, "domains": ["general", "code", "math", "multilingual"]},
+        "methods": merged["methods"],
+        "ablations": merged["ablations"],
+        "stage_seconds": timings,
+    }
+    write_results(results_dir, metrics)
+    print(f"wrote {results_dir}/metrics.json and tables in {metrics['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

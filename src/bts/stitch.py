@@ -1,0 +1,146 @@
+"""The BTS stitch layer (paper §2, eq. 3 and eq. 4) — and nothing else.
+
+A stitch layer reads the hidden states of the hub ``h0`` and of the ``n`` experts ``h1..hn`` (all ``[B, T, d]``)
+after the same transformer layer and returns ``n + 1`` new hidden states that feed the next layer of each model.
+
+Parameters (all bias-free linear maps), ``(2n + 1) · d²`` in total:
+
+- ``stitch_proj`` ``[n, d, d]``: the ``n`` expert projections ``w_proj_i`` stacked into one tensor, each stored like
+  an ``nn.Linear`` weight (``[d_out, d_in]``, ``w_proj_i(x) = x @ W_i^T``), applied as one batched matmul;
+- ``stitch_gate`` (``nn.Linear(d, (n + 1)·d, bias=False)``, weight ``[(n + 1)·d, d]``): ``w_gate(h0)`` reshaped to
+  ``[B, T, d, n + 1]`` — one gate value per hidden dimension per model, model index last (hub = 0). Row
+  ``k·(n + 1) + m`` of the weight is hidden dimension ``k`` of model ``m``; ``gate_rows(m)`` gives model ``m``'s rows.
+
+Initialisation (not given by the paper): ``"identity"`` (default) sets every ``w_proj_i = I`` and ``w_gate = 0``,
+i.e. uniform E2H gates and 0.5 H2E gates; ``"random"`` (ablation) draws both from ``N(0, 0.02²)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bts.io import BTSError
+
+StitchKind = Literal["e2h", "h2e"]
+STITCH_KINDS = ("e2h", "h2e")
+STITCH_INITS = ("identity", "random")
+RANDOM_INIT_STD = 0.02
+
+
+class StitchLayer(nn.Module):
+    """One stitch layer over a hub and ``n_experts`` experts of width ``d``.
+
+    ``kind="e2h"`` is Experts-into-Hub (eq. 3), ``kind="h2e"`` is Hub-into-Experts (eq. 4). Gate dropout acts on the
+    gate logits ``w_gate(h0)`` and is active only in training mode. With ``record_gates = True`` every forward stores
+    the gate values averaged over the hidden dimensions in ``last_gates`` (``[B, T, n + 1]``, detached; for H2E the
+    hub slot is the computed-but-unused ``g0``).
+    """
+
+    def __init__(
+        self,
+        d: int,
+        n_experts: int,
+        kind: StitchKind = "e2h",
+        gate_dropout: float = 0.1,
+        init: str = "identity",
+    ):
+        super().__init__()
+        if kind not in STITCH_KINDS:
+            raise BTSError(f"stitch kind must be one of {STITCH_KINDS}, got {kind!r}")
+        if n_experts < 1:
+            raise BTSError(f"a stitch layer needs at least one expert, got n_experts={n_experts}")
+        if not 0.0 <= gate_dropout < 1.0:
+            raise BTSError(f"gate_dropout must be in [0, 1), got {gate_dropout}")
+        self.d = int(d)
+        self.n_experts = int(n_experts)
+        self.kind: StitchKind = kind
+        self.stitch_proj = nn.Parameter(torch.empty(n_experts, d, d))  # [n, d_out, d_in]
+        self.stitch_gate = nn.Linear(d, (n_experts + 1) * d, bias=False)  # weight [(n+1)·d, d]
+        self.gate_dropout = nn.Dropout(gate_dropout)
+        self.record_gates = False
+        self.last_gates: torch.Tensor | None = None
+        self.reset_parameters(init)
+
+    # --- parameters ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "identity") -> None:
+        """``"identity"``: ``w_proj_i = I``, ``w_gate = 0``; ``"random"``: both ``N(0, 0.02²)``."""
+        if init == "identity":
+            self.stitch_proj.copy_(torch.eye(self.d).expand(self.n_experts, self.d, self.d))
+            self.stitch_gate.weight.zero_()
+        elif init == "random":
+            self.stitch_proj.normal_(0.0, RANDOM_INIT_STD)
+            self.stitch_gate.weight.normal_(0.0, RANDOM_INIT_STD)
+        else:
+            raise BTSError(f"stitch init must be one of {STITCH_INITS}, got {init!r}")
+
+    def gate_rows(self, model_index: int) -> torch.Tensor:
+        """View of the gate weight rows that produce model ``model_index``'s gate (``[d, d_in]``; hub = 0)."""
+        return self.stitch_gate.weight.view(self.d, self.n_experts + 1, self.d)[:, model_index, :]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d={self.d}, n_experts={self.n_experts}, gate_dropout={self.gate_dropout.p}"
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def _gate_logits(self, h0: torch.Tensor) -> torch.Tensor:
+        b, t, d = h0.shape
+        logits = self.gate_dropout(self.stitch_gate(h0))  # [B, T, (n+1)·d]
+        return logits.view(b, t, d, self.n_experts + 1)  # [B, T, d, n+1]
+
+    def forward(self, hidden: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """``hidden``: ``n + 1`` tensors ``[B, T, d]``, hub first. Returns ``n + 1`` tensors ``[B, T, d]``, hub first."""
+        if len(hidden) != self.n_experts + 1:
+            raise ValueError(f"stitch layer expects {self.n_experts + 1} hidden states, got {len(hidden)}")
+        in_dtype = hidden[0].dtype
+        w_dtype = self.stitch_proj.dtype
+        hs = [h.to(w_dtype) for h in hidden]
+        out = self._e2h(hs) if self.kind == "e2h" else self._h2e(hs)
+        return [h.to(in_dtype) for h in out]
+
+    def _e2h(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Experts-into-Hub, eq. 3::
+
+            g   = softmax_over_models(dropout(w_gate(h0)))      # [B, T, d, n+1]
+            h~i = w_proj_i(hi)                                  # i = 1..n
+            h~0 = g0 * h0 + sum_i gi * h~i
+
+        Returns ``(h~0, h~1, ..., h~n)``: each expert continues with its projected state (paper §2.3 / App. B).
+        """
+        h0 = hs[0]
+        b, t, d = h0.shape
+        n = self.n_experts
+        g = torch.softmax(self._gate_logits(h0), dim=-1)  # [B, T, d, n+1]
+        experts = torch.stack(hs[1:], dim=0).view(n, b * t, d)  # [n, B·T, d]
+        proj = torch.bmm(experts, self.stitch_proj.transpose(1, 2)).view(n, b, t, d)  # [n, B, T, d]
+        mixed = g[..., 0] * h0 + torch.einsum("btdn,nbtd->btd", g[..., 1:], proj)  # [B, T, d]
+        if self.record_gates:
+            self.last_gates = g.detach().mean(dim=2)  # [B, T, n+1]
+        return [mixed, *proj.unbind(0)]
+
+    def _h2e(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hub-into-Experts, eq. 4::
+
+        g   = sigmoid(dropout(w_gate(h0)))                  # [B, T, d, n+1]; g0 computed and unused
+        h~0 = h0
+        h~i = (1 - gi) * hi + gi * w_proj_i(h0)             # i = 1..n
+        """
+        h0 = hs[0]
+        b, t, d = h0.shape
+        n = self.n_experts
+        g = torch.sigmoid(self._gate_logits(h0))  # [B, T, d, n+1]
+        proj = F.linear(h0, self.stitch_proj.reshape(n * d, d)).view(b, t, n, d)  # [B, T, n, d]: w_proj_i(h0)
+        experts = torch.stack(hs[1:], dim=2)  # [B, T, n, d]
+        gi = g[..., 1:].transpose(2, 3)  # [B, T, n, d]
+        mixed = (1 - gi) * experts + gi * proj  # [B, T, n, d]
+        if self.record_gates:
+            self.last_gates = g.detach().mean(dim=2)  # [B, T, n+1]
+        return [h0, *mixed.unbind(2)]
+
+
+def stitch_param_count(d: int, n_experts: int) -> int:
+    """Parameters of one stitch layer: ``(2n + 1) · d²``."""
+    return (2 * n_experts + 1) * d * d

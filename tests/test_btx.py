@@ -1,0 +1,226 @@
+"""BTX (baselines.btx): upcycling math, routing variants, Mixtral export, load balancing, parameter counts,
+training through the shared Lightning loop."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from baselines.btx import BTXModel, BTXModule, build_btx, export_mixtral, load_btx
+from baselines.moe import MoEFFN
+from bts.io import state_dict_sha256
+from bts.params import count_params
+from conftest import perturbed_copy, tiny_llama, tiny_qwen2
+
+VARIANTS = ["sample", "soft", "top2"]
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def fit(module, steps: int = 2, batch: int = 4, seq: int = 16, vocab: int = 97):
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)} for _ in range(steps)]
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_expert_and_identical_copies_equal_dense(variant, ids):
+    seed = tiny_llama(0)
+    dense = seed(input_ids=ids).logits
+    alone = build_btx(seed, [], variant).eval()
+    assert alone.num_experts == 1
+    torch.testing.assert_close(alone(ids), dense, atol=1e-5, rtol=0)
+    copies = build_btx(seed, [perturbed_copy(seed, 1, scale=0.0)] * 2, variant, router_init_std=0.5)
+    torch.testing.assert_close(copies.eval()(ids), dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        copies.train()(ids), dense, atol=1e-5, rtol=0
+    )  # Gumbel / top-k in training too
+
+
+def test_non_ffn_params_are_the_mean_and_ffns_the_sources(llama_family):
+    seed, experts = llama_family
+    before = [state_dict_sha256(m.state_dict()) for m in (seed, *experts)]
+    btx = build_btx(seed, experts, "top2")
+    models = [seed, *experts]
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.o_proj.weight",
+        "model.layers.3.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]:
+        hand = sum(m.get_parameter(name).double() for m in models) / len(models)
+        torch.testing.assert_close(btx.model.get_parameter(name).double(), hand, atol=1e-7, rtol=0)
+        assert not torch.equal(btx.model.get_parameter(name), seed.get_parameter(name))
+    moe = btx.model.model.layers[2].mlp
+    assert isinstance(moe, MoEFFN) and moe.num_experts == 4
+    for e, m in enumerate(models):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(
+                getattr(moe.experts[e], proj).weight, getattr(m.model.layers[2].mlp, proj).weight
+            )
+    assert [state_dict_sha256(m.state_dict()) for m in models] == before  # sources untouched
+    assert all(p.requires_grad for p in btx.parameters())
+
+
+@pytest.mark.parametrize("variant,k", [("top2", 2), ("soft", 4), ("sample", 1)])
+def test_mixtral_export_roundtrip(variant, k, llama_family, ids, tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    seed, experts = llama_family
+    btx = build_btx(seed, experts, variant, router_init_std=0.5).eval()
+    export_mixtral(btx, tmp_path / "mixtral")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    assert isinstance(hf, MixtralForCausalLM)
+    assert hf.config.num_local_experts == 4 and hf.config.num_experts_per_tok == k
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, btx(ids), atol=1e-5, rtol=0)
+    # the full artifact (btx.json + Mixtral dir) reloads through load_btx with the same counts
+    btx.save(tmp_path / "art")
+    meta = json.loads((tmp_path / "art" / "btx.json").read_text())
+    assert meta["format"] == "mixtral" and meta["variant"] == variant
+    loaded = load_btx(tmp_path / "art")
+    assert loaded.param_counts() == btx.param_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), btx(ids), atol=1e-5, rtol=0)
+
+
+def test_top2_load_balancing_loss_matches_hand_recomputation(llama_family, ids):
+    seed, experts = llama_family
+    btx = build_btx(seed, experts, "top2", router_init_std=0.5, load_balance_coef=0.01).train()
+    inputs = []
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out: inputs.append((mod, a[0]))) for m in btx.moe_layers()
+    ]
+    btx(ids)
+    for h in hooks:
+        h.remove()
+    per_layer = []
+    for moe, x in inputs:
+        x = x.reshape(-1, x.shape[-1]).double()
+        w = moe.router.weight.double()
+        counts, prob_sum = [0.0] * 4, [0.0] * 4
+        for row in x:
+            logits = [float(w[e] @ row) for e in range(4)]
+            mx = max(logits)
+            z = sum(torch.exp(torch.tensor(v - mx)).item() for v in logits)
+            probs = [torch.exp(torch.tensor(v - mx)).item() / z for v in logits]
+            for e in sorted(range(4), key=lambda e: -probs[e])[:2]:
+                counts[e] += 1
+            for e in range(4):
+                prob_sum[e] += probs[e]
+        n = x.shape[0]
+        per_layer.append(4 * sum((counts[e] / (2 * n)) * (prob_sum[e] / n) for e in range(4)))
+    hand = 0.01 * sum(per_layer) / len(per_layer)
+    assert btx.aux_loss().item() == pytest.approx(hand, rel=1e-5)
+    assert build_btx(seed, experts, "soft").aux_loss() is None
+
+
+def test_top2_weights_follow_mixtral_renormalisation():
+    torch.manual_seed(0)
+    moe = MoEFFN([torch.nn.Identity()] * 3, hidden_size=4, routing="topk", top_k=2)
+    logits = torch.tensor([[2.0, 0.0, 1.0]])
+    w, idx = moe.route(logits)
+    p = torch.softmax(logits, -1)[0]
+    assert idx.tolist() == [[0, 2]]
+    torch.testing.assert_close(w, torch.stack([p[0], p[2]])[None] / (p[0] + p[2]))
+
+
+def test_sample_is_straight_through_top1(llama_family, ids):
+    seed, experts = llama_family
+    btx = build_btx(seed, experts, "sample", router_init_std=0.5).train()
+    torch.manual_seed(0)
+    btx(ids).float().pow(2).mean().backward()
+    moe = btx.moe_layers()[1]
+    assert moe.last_top_k_index.shape == (ids.numel(), 1)
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    w, _ = moe.route(torch.randn(5, 4))
+    assert torch.equal(w.detach(), torch.ones(5, 1))
+    btx.eval()
+    _, idx = moe.route(torch.tensor([[0.1, 3.0, -1.0, 0.0]]))
+    assert idx.tolist() == [[1]]  # argmax at evaluation
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_param_counts(variant, llama_family):
+    seed, experts = llama_family
+    btx = build_btx(seed, experts, variant)
+    n_layers, d, e = 4, 32, 4
+    ffn = count_params(seed.model.layers[0].mlp)
+    shared = count_params(seed) - n_layers * ffn
+    routers = n_layers * d * e
+    counts = btx.param_counts()
+    assert counts.total == shared + e * n_layers * ffn + routers == count_params(btx)
+    assert counts.trained == counts.total
+    k = {"sample": 1, "soft": 4, "top2": 2}[variant]
+    assert counts.active == shared + k * n_layers * ffn + routers
+
+
+def test_non_llama_falls_back_to_safetensors(ids, tmp_path):
+    q = tiny_qwen2(0)
+    btx = build_btx(q, [perturbed_copy(q, 1)], "top2", router_init_std=0.5).eval()
+    assert btx.mixtral_export_problem() is not None  # Qwen2 has attention biases
+    btx.save(tmp_path)
+    meta = json.loads((tmp_path / "btx.json").read_text())
+    assert meta["format"] == "safetensors" and not (tmp_path / "config.json").exists()
+    loaded = load_btx(tmp_path)
+    assert isinstance(loaded, BTXModel)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), btx(ids), atol=0, rtol=0)
+
+
+def test_btx_module_trains_all_params_and_exports(saved_llama_family, tmp_path):
+    seed_dir, expert_dirs = saved_llama_family
+    out = tmp_path / "btx_top2"
+    module = BTXModule(
+        str(seed_dir),
+        [str(d) for d in expert_dirs],
+        variant="top2",
+        lr=1e-2,
+        warmup_steps=0,
+        output_dir=str(out),
+    )
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    fit(module, steps=2)
+    after = module.net.state_dict()
+    assert not torch.equal(
+        before["model.model.layers.0.mlp.router.weight"], after["model.model.layers.0.mlp.router.weight"]
+    )
+    assert not torch.equal(
+        before["model.model.layers.0.mlp.experts.1.up_proj.weight"],
+        after["model.model.layers.0.mlp.experts.1.up_proj.weight"],
+    )
+    assert not torch.equal(
+        before["model.model.embed_tokens.weight"], after["model.model.embed_tokens.weight"]
+    )
+    training = json.loads((out / "training.json").read_text())
+    assert training["params"] == module.param_counts().to_dict()
+    assert training["global_step"] == 2
+    assert json.loads((out / "btx.json").read_text())["experts"] == [str(d) for d in expert_dirs]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 97, (1, 10))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, module(ids), atol=1e-5, rtol=0)
