@@ -11,8 +11,10 @@ from bts.eval.metrics import (
     bleu,
     char_to_token_spans,
     chrf,
+    continuation_logprobs,
     line_char_spans,
     math_exact_match,
+    multiple_choice_accuracy,
     normalize_math_answer,
     pass_at_k,
     span_exact_matches,
@@ -142,3 +144,45 @@ def test_pass_at_k():
     assert pass_at_k([10], [3], 1) == pytest.approx(30.0)  # unbiased estimator: c/n for k=1
     assert pass_at_k([5], [1], 2) == pytest.approx(40.0)  # 1 - C(4,2)/C(5,2)
     assert pass_at_k([], [], 1) == 0.0
+
+
+# --- log-likelihood multiple choice -------------------------------------------------------------------------------
+def test_continuation_logprobs_hand_computed():
+    V = 4
+    ids = torch.tensor([[0, 1, 2, 3], [0, 2, 2, 1]])
+    probs = torch.full((2, 4, V), 0.1)
+    # row 0: p(1|pos0)=0.4, p(2|pos1)=0.5, p(3|pos2)=0.7 (the rest spread evenly)
+    for b, t, tok, p in [(0, 0, 1, 0.4), (0, 1, 2, 0.5), (0, 2, 3, 0.7), (1, 1, 2, 0.25), (1, 2, 1, 0.6)]:
+        probs[b, t] = (1 - p) / (V - 1)
+        probs[b, t, tok] = p
+    scores = probs.log() + 3.0  # logits: any shift per position gives the same log-probabilities
+    got = continuation_logprobs(scores, ids, [2, 1])
+    assert got.dtype == torch.float64
+    assert got[0].item() == pytest.approx(math.log(0.5) + math.log(0.7), abs=1e-6)  # last 2 tokens of row 0
+    assert got[1].item() == pytest.approx(math.log(0.6), abs=1e-6)  # last token of row 1
+    assert continuation_logprobs(scores, ids, [3, 3])[0].item() == pytest.approx(math.log(0.4 * 0.5 * 0.7), abs=1e-6)
+    for bad in ([0, 1], [4, 1], [1]):
+        with pytest.raises(ValueError):
+            continuation_logprobs(scores, ids, bad)
+    # uniform scores: equal token counts give bit-identical sums, whatever the row length
+    flat = continuation_logprobs(torch.zeros(2, 9, 7), torch.randint(0, 7, (2, 9)), [3, 3])
+    assert flat[0].item() == flat[1].item() == pytest.approx(-3 * math.log(7), abs=1e-5)
+    short = continuation_logprobs(torch.zeros(1, 5, 7), torch.randint(0, 7, (1, 5)), [3])
+    assert short[0].item() == flat[0].item()
+
+
+def test_multiple_choice_accuracy_splits_ties():
+    assert multiple_choice_accuracy([[-1.0, -2.0, -3.0, -4.0]], [0]) == 100.0
+    assert multiple_choice_accuracy([[-1.0, -2.0, -3.0, -4.0]], [1]) == 0.0
+    assert multiple_choice_accuracy([[0.0, 0.0, 0.0, 0.0]], [3]) == 25.0  # all tied: exactly chance
+    assert multiple_choice_accuracy([[-1.0, -1.0, -5.0, -5.0]], [1]) == 50.0  # two tied maxima
+    assert multiple_choice_accuracy([[-1.0, -1.0, -5.0, -5.0]], [2]) == 0.0
+    # mean over items; independent of where the truth is when everything ties
+    scores = [[-2.0, -2.0, -2.0, -2.0]] * 4
+    assert multiple_choice_accuracy(scores, [0, 1, 2, 3]) == multiple_choice_accuracy(scores, [0, 0, 0, 0]) == 25.0
+    assert multiple_choice_accuracy([[-1.0, -3.0], [-3.0, -1.0], [0.0, 0.0]], [0, 0, 1]) == pytest.approx(50.0)
+    assert multiple_choice_accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        multiple_choice_accuracy([[0.0, 1.0]], [])
+    with pytest.raises(ValueError):
+        multiple_choice_accuracy([[0.0, 1.0]], [2])

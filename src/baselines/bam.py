@@ -101,7 +101,7 @@ class BAMModule(LMTrainingModule):
 
     def __init__(
         self,
-        seed: str,
+        seed_model: str,
         experts: list[str],
         ffn_variant: Literal["soft", "top2", "sample"] = "soft",
         router_init_std: float = 0.02,
@@ -117,7 +117,7 @@ class BAMModule(LMTrainingModule):
     ):
         """
         Args:
-            seed: Hugging Face directory of the seed model (FFN and attention expert 0).
+            seed_model: Hugging Face directory of the seed model (FFN and attention expert 0).
             experts: Hugging Face directories of the experts branched from the seed (experts 1..n).
             ffn_variant: FFN routing as in BTX; ``soft`` (DESIGN.md: BTX-soft) by default.
             router_init_std: std of the normal init of the new FFN and attention routers (0 = zero routers).
@@ -133,7 +133,7 @@ class BAMModule(LMTrainingModule):
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
         self.save_hyperparameters()
-        models = load_family(seed, experts)
+        models = load_family(seed_model, experts)
         self.net = build_bam(
             models[0],
             models[1:],
@@ -155,5 +155,5 @@ class BAMModule(LMTrainingModule):
 
     def save_artifact(self, out_dir: Path) -> None:
         self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed), "experts": [str(e) for e in self.hparams.experts]}
+            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
         )

@@ -200,7 +200,7 @@ class BAMAdaptersModule(LMTrainingModule):
 
     def __init__(
         self,
-        seed: str,
+        seed_model: str,
         experts: list[str],
         router_init_std: float = 0.0,
         router_seed: int = 0,
@@ -213,7 +213,7 @@ class BAMAdaptersModule(LMTrainingModule):
     ):
         """
         Args:
-            seed: Hugging Face directory of the seed (model 0; its embeddings, final norm and LM head are used).
+            seed_model: Hugging Face directory of the seed (model 0; its embeddings, final norm and LM head are used).
             experts: Hugging Face directories of the experts branched from the seed (models 1..n).
             router_init_std: std of the normal init of the routers (0 = zero routers: uniform mixtures).
             router_seed: seed of the router initialisation.
@@ -226,7 +226,7 @@ class BAMAdaptersModule(LMTrainingModule):
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
         self.save_hyperparameters()
-        self.net = BAMAdaptersModel(load_family(seed, experts), router_init_std, router_seed)
+        self.net = BAMAdaptersModel(load_family(seed_model, experts), router_init_std, router_seed)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.net(input_ids)
@@ -236,5 +236,5 @@ class BAMAdaptersModule(LMTrainingModule):
 
     def save_artifact(self, out_dir: Path) -> None:
         self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed), "experts": [str(e) for e in self.hparams.experts]}
+            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
         )

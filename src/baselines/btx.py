@@ -340,7 +340,7 @@ class BTXModule(LMTrainingModule):
 
     def __init__(
         self,
-        seed: str,
+        seed_model: str,
         experts: list[str],
         variant: Variant = "top2",
         router_init_std: float = 0.02,
@@ -356,7 +356,7 @@ class BTXModule(LMTrainingModule):
     ):
         """
         Args:
-            seed: Hugging Face directory of the seed model (its FFN becomes MoE expert 0).
+            seed_model: Hugging Face directory of the seed model (its FFN becomes MoE expert 0).
             experts: Hugging Face directories of the experts branched from the seed (FFN experts 1..n).
             variant: routing: ``top2`` (top-2 + load balancing, the BTX default), ``soft`` (all experts, softmax
                 weights) or ``sample`` (top-1 Gumbel-softmax straight-through in training, argmax at eval).
@@ -373,7 +373,7 @@ class BTXModule(LMTrainingModule):
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
         self.save_hyperparameters()
-        models = load_family(seed, experts)
+        models = load_family(seed_model, experts)
         self.net = build_btx(
             models[0],
             models[1:],
@@ -395,5 +395,5 @@ class BTXModule(LMTrainingModule):
 
     def save_artifact(self, out_dir: Path) -> None:
         self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed), "experts": [str(e) for e in self.hparams.experts]}
+            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
         )

@@ -187,7 +187,7 @@ class ExpertRoutingModule(LMTrainingModule):
 
     def __init__(
         self,
-        seed: str,
+        seed_model: str,
         experts: list[str],
         route_prefix: int = 32,
         min_prefix: int = 1,
@@ -203,7 +203,7 @@ class ExpertRoutingModule(LMTrainingModule):
     ):
         """
         Args:
-            seed: Hugging Face directory of the seed (candidate 0; its embedding table gives the router features).
+            seed_model: Hugging Face directory of the seed (candidate 0; its embedding table gives the router features).
             experts: Hugging Face directories of the experts (candidates 1..n).
             route_prefix: number of prompt tokens the router reads at inference (capped at the sequence length).
             min_prefix: smallest prefix length ``t`` sampled in training (``t ~ U[min_prefix, T]`` per example).
@@ -223,7 +223,7 @@ class ExpertRoutingModule(LMTrainingModule):
             raise BTSError(f"min_prefix must be >= 1, got {min_prefix}")
         self.min_prefix = min_prefix
         self.net = ExpertRouter(
-            load_family(seed, experts), route_prefix, router_init_std, router_seed, normalize_features
+            load_family(seed_model, experts), route_prefix, router_init_std, router_seed, normalize_features
         )
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -241,5 +241,5 @@ class ExpertRoutingModule(LMTrainingModule):
 
     def save_artifact(self, out_dir: Path) -> None:
         self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed), "experts": [str(e) for e in self.hparams.experts]}
+            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
         )

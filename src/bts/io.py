@@ -7,6 +7,7 @@ run killed at any point leaves either the old file or the new one, never a parti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -63,9 +67,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _raise_if_disk_full(e: OSError, path: Path) -> None:
+    """A full disk (or quota) while writing ``path`` is an environment problem: one clear line, no traceback.
+    The temporary file/directory is removed by the caller, so nothing partial is left behind."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise BTSError(f"no space left on device while writing {path} ({e.strerror or 'disk full'}); "
+                       "free some space or point the output/cache elsewhere") from None
 
 
 TOKENIZER_FILES = (
@@ -135,6 +150,40 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def config_hash(obj) -> str:
     """Short stable hash of a JSON-serialisable config (used to decide whether a stage can be reused)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())[:16]
+
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def check_lightning_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse, with one clear ``BTSError``, a Lightning checkpoint that is missing, truncated/corrupt, not a
+    Lightning checkpoint, or that holds pickled objects other than tensors and plain containers (it is opened
+    with ``torch.load(weights_only=True)``, memory-mapped, so nothing is executed and little is read).
+
+    Sharded checkpoints (directories, e.g. FSDP/DeepSpeed) are left to Lightning."""
+    import pickle
+
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise BTSError(f"checkpoint not found: {path}")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(f"refusing to load checkpoint {path}: it holds pickled objects that are not plain "
+                       f"tensors/containers (loaded with weights_only=True: {first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(f"checkpoint {path} is truncated or corrupt ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise BTSError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
 
 
 @contextlib.contextmanager

@@ -1,12 +1,21 @@
 """Training modules. ``LMTrainingModule`` is the one training loop every trainable method shares (seed, experts,
 BTS stitch layers, trained baselines): next-token cross-entropy, AdamW over the parameters that require grad,
 the paper's warmup + cosine-to-1 % schedule, per-domain held-out perplexity (``val/<domain>/ppl``).
+
 ``CausalLMModule`` trains a dense Llama-architecture model: seed pretraining, and expert continued pretraining
 when ``init_from`` points at the seed's Hugging Face directory (branching = loading the seed).
+
+Fault handling: a non-finite loss (``training_step``) or a non-finite gradient norm (``on_before_optimizer_step``,
+skipped under fp16 loss scaling, which handles overflow itself) raises ``BTSError`` naming the step; the stage
+stops before the optimizer step, so the last Lightning checkpoint written stays the last good one and no artifact
+is written. Resumability: the torch RNG is re-seeded at every training batch from ``(base seed, global step,
+batch index, rank)`` (the base seed, ``torch.initial_seed()`` when the module was built, is stored in Lightning
+checkpoints), so dropout/sampling noise after a resume equals the uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -57,6 +66,7 @@ class LMTrainingModule(L.LightningModule):
         self._tokens_seen = 0
         self._train_time = 0.0
         self._t0: float | None = None
+        self._rng_base_seed = int(torch.initial_seed()) % (2**63)
         if output_dir is not None:
             ensure_writable_dir(Path(output_dir).parent)
 
@@ -87,14 +97,41 @@ class LMTrainingModule(L.LightningModule):
         input_ids = batch["input_ids"]
         loss = self.lm_loss(input_ids)
         if not torch.isfinite(loss):
-            raise BTSError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping")
+            raise BTSError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step + 1} (batch {batch_idx}); "
+                "stopping before the optimizer step (the last checkpoint written is kept)"
+            )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         self._tokens_seen += input_ids.numel()
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
+        seed = hash_seed(self._rng_base_seed, self.global_step, batch_idx, self.global_rank)
+        torch.manual_seed(seed)
         self._t0 = time.perf_counter()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop on a non-finite gradient (one norm per parameter, one host sync per step)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: the scaler skips steps with inf/nan gradients by design
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        norms = torch.stack([n.float() for n in torch._foreach_norm([g.detach() for _, g in named])])
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            raise BTSError(
+                f"non-finite gradient at step {self.global_step + 1} in {len(bad)} parameter(s) (first: {bad[0]}); "
+                "stopping before the optimizer step (the last checkpoint written is kept)"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bts_rng_base_seed"] = self._rng_base_seed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_base_seed = int(checkpoint.get("bts_rng_base_seed", self._rng_base_seed))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is not None:
@@ -235,6 +272,12 @@ class CausalLMModule(LMTrainingModule):
         self.model.save_pretrained(out_dir, safe_serialization=True)
         if self.hparams.init_from is not None:
             (out_dir / "branched_from.json").write_text(json.dumps({"init_from": str(self.hparams.init_from)}))
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and platforms)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -44,6 +45,16 @@ class StitchConfig:
     """Dropout on the gate logits ``w_gate(h0)`` (active in training only)."""
     init: str = "identity"
     """Initialisation: ``identity`` (``w_proj_i = I``, ``w_gate = 0``) or ``random`` (small normal, ablation)."""
+    activation_checkpointing: bool = False
+    """Memory/speed trade-off, training only: recompute each frozen decoder layer during backward instead of storing
+    its activations (``torch.utils.checkpoint``, non-reentrant). Only layers whose input needs a gradient (those
+    after the first stitch layer) are wrapped. Numerics are unchanged; costs one extra forward of those layers (see
+    ``benchmarks/RESULTS.md``). Not part of the model's definition: ``to_dict`` leaves it out unless it is on."""
+    compile: bool = False
+    """Speed, opt-in: run every decoder layer and stitch layer through ``torch.compile`` (one graph per layer class,
+    shared by all layers and models; compiled on the first forward — about a minute on CPU for the tiny models).
+    Used for uncached forwards (training, scoring); cached generation stays eager. The modules themselves are not
+    modified. Same numerics up to fp32 round-off. Runtime-only, like ``activation_checkpointing``."""
 
     def __post_init__(self) -> None:
         if self.init not in STITCH_INITS:
@@ -52,7 +63,16 @@ class StitchConfig:
             raise BTSError(f"stitch.gate_dropout must be in [0, 1), got {self.gate_dropout}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; runtime-only options (``RUNTIME_FIELDS``) only when they differ from the default."""
+        out = asdict(self)
+        for name in RUNTIME_FIELDS:
+            if out[name] == StitchConfig.__dataclass_fields__[name].default:
+                del out[name]
+        return out
+
+
+RUNTIME_FIELDS = ("activation_checkpointing", "compile")
+"""``StitchConfig`` fields that change how the stitched model runs, not what it computes."""
 
 
 def stitch_placement(num_layers: int, config: StitchConfig) -> list[tuple[int, str]]:
@@ -176,12 +196,18 @@ class StitchedLM(nn.Module):
         self._parts: list[DecoderParts] = parts
         self._layer_types = [_layer_types(p.config, self.num_layers) for p in parts]
         device = next(hub.parameters()).device
-        self.stitch_layers = nn.ModuleList(
-            StitchLayer(self.hidden_size, len(experts), kind, self.config.gate_dropout, self.config.init)
-            for _, kind in self._placement
-        ).to(device)
+        # meta-device models (shape-only instantiation, e.g. counting parameters at paper scale): build the stitch
+        # layers on meta directly rather than allocating (2n+1)·K·d² floats on the CPU first
+        with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+            self.stitch_layers = nn.ModuleList(
+                StitchLayer(self.hidden_size, len(experts), kind, self.config.gate_dropout, self.config.init)
+                for _, kind in self._placement
+            ).to(device)
+        for j, (after, kind) in enumerate(self._placement):
+            self.stitch_layers[j].label = f"stitch layer {j} (after layer {after}, {kind})"
         self._stitch_after = {after: j for j, (after, _) in enumerate(self._placement)}
         self._recorder: GateRecorder | None = None
+        self._compiled: tuple[list[list], list] | None = None  # (layers per model, stitch layers); plain lists
         self.allow_changed_models = False
         """True when this model was loaded with the ``allow_changed_models`` override (see ``changed_models``)."""
         self.changed_models: list[str] = []
@@ -299,6 +325,18 @@ class StitchedLM(nn.Module):
                 self.stitch_layers[j].last_gates = None
 
     # --- forward ---------------------------------------------------------------------------------------------------
+    def _runners(self, compiled: bool) -> tuple[list, list]:
+        """Callables for the decoder layers (``[model][layer]``) and stitch layers: the modules, or (``compiled``)
+        ``torch.compile`` wrappers of them, built once (``StitchConfig.compile``)."""
+        if not compiled:
+            return [p.layers for p in self._parts], list(self.stitch_layers)
+        if self._compiled is None:
+            self._compiled = (
+                [[torch.compile(block) for block in p.layers] for p in self._parts],
+                [torch.compile(stitch) for stitch in self.stitch_layers],
+            )
+        return self._compiled
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -340,23 +378,31 @@ class StitchedLM(nn.Module):
             states.append(h)
 
         last_stitch = self._placement[-1][0]
+        checkpointing = (
+            self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
+        )
+        blocks, stitches = self._runners(compiled=self.config.compile and not use_cache)
         for layer in range(self.num_layers):
             active = (
                 n_models if layer < last_stitch else 1
             )  # experts cannot affect the output after the last stitch
             for i in range(active):
-                states[i] = self._parts[i].layers[layer](
-                    states[i],
-                    attention_mask=masks[i][layer],
-                    position_embeddings=rotary[i],
-                    position_ids=position_ids,
-                    cache=caches[i] if use_cache else None,
-                    use_cache=use_cache,
-                )
+                block = blocks[i][layer]
+                kw = {
+                    "attention_mask": masks[i][layer],
+                    "position_embeddings": rotary[i],
+                    "position_ids": position_ids,
+                    "cache": caches[i] if use_cache else None,
+                    "use_cache": use_cache,
+                }
+                if checkpointing and states[i].requires_grad:
+                    states[i] = torch.utils.checkpoint.checkpoint(block, states[i], use_reentrant=False, **kw)
+                else:
+                    states[i] = block(states[i], **kw)
             j = self._stitch_after.get(layer + 1)
             if j is not None:
                 stitch = self.stitch_layers[j]
-                states = stitch(states)
+                states = stitches[j](states)
                 if self._recorder is not None and stitch.kind == "e2h":
                     self._recorder._add(j, stitch.last_gates)
         hub = self._parts[0]
@@ -382,7 +428,8 @@ class StitchedLM(nn.Module):
         if max_new_tokens <= 0:
             return out
         was_training = self.training
-        self.eval()
+        if was_training:  # (toggling the mode walks every submodule: skip it when already in eval mode)
+            self.eval()
         try:
             caches = self.new_caches()
             logits = self(input_ids, caches=caches)
@@ -398,5 +445,6 @@ class StitchedLM(nn.Module):
                 if step + 1 < max_new_tokens:
                     logits = self(nxt[:, None], caches=caches)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         return out

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
@@ -81,7 +82,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing / truncated / corrupt weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BTSError(f"cannot load model from {path}: {first}") from None
     return model

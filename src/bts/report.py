@@ -73,7 +73,43 @@ def params_table(entries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results_dir: Path, metrics: dict) -> None:
+def results_readme(metrics: dict, gates: dict | None) -> str:
+    """``results/<profile>/README.md``: what ran, how long, and which paper claims hold at this scale."""
+    from bts.claims import check_claims, claims_markdown
+
+    cfg = metrics["config"]
+    stage_seconds = metrics.get("stage_seconds", {})
+    lines = [
+        f"# Reproduction `{metrics['profile']}`",
+        "",
+        "Produced by `bts reproduce` (`make reproduce`); every number here is recomputed from `metrics.json`, never",
+        (
+            "edited by hand. Tiny Llama-architecture models trained from scratch on the embedded corpus (CPU): "
+            f"d={cfg.get('d_model')}, L={cfg.get('n_layers')}, vocab={cfg.get('vocab_size')}, "
+            f"n={cfg.get('n_experts')} experts, K={cfg.get('stitch_layers')} stitch layers "
+            f"(init: {cfg.get('stitch_init')}). Seeds: {metrics['seeds']}. Wall time: {metrics['wall_seconds']:.0f} s "
+            "(stages reused from an earlier run count as 0)."
+        ),
+        "",
+        "Files: `table.md` (Table 3 analogue), `params.md` (Table 2), `ablations.md` (Tables 5-8), `gates.json` and",
+        "`figures/` (gate plots, loss curves), `metrics.json` (machine-readable; schema in the top-level README).",
+        "",
+        "## Paper claims at this scale",
+        "",
+        claims_markdown(check_claims(metrics, gates)),
+    ]
+    if gates and gates.get("markdown"):
+        lines += ["## Gate analysis (last E2H layer, mean gate per model per domain)", "", gates["markdown"], ""]
+    if stage_seconds:
+        lines += ["## Stage wall times (seconds; training and evaluation)", "", "| stage | seconds |", "|---|---|"]
+        for seed, times in stage_seconds.items():
+            for k, v in times.items():
+                lines.append(f"| {seed}/{k} | {v:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(results_dir: Path, metrics: dict, gates: dict | None = None) -> None:
     results_dir = Path(results_dir)
     atomic_write_json(results_dir / "metrics.json", metrics)
     header = (
@@ -83,4 +119,8 @@ def write_results(results_dir: Path, metrics: dict) -> None:
     atomic_write_text(results_dir / "table.md", header + results_table(metrics["methods"], "Methods (Table 3 analogue)"))
     atomic_write_text(results_dir / "params.md", header + params_table({**metrics["methods"], **metrics["ablations"]}))
     if metrics.get("ablations"):
-        atomic_write_text(results_dir / "ablations.md", header + results_table(metrics["ablations"], "Ablations"))
+        sweeps = sorted((results_dir / "sweeps").glob("*.md")) if (results_dir / "sweeps").is_dir() else []
+        text = header + results_table(metrics["ablations"], "Ablations")
+        text += "".join("\n" + f.read_text() for f in sweeps)  # tables written by `bts sweep`
+        atomic_write_text(results_dir / "ablations.md", text)
+    atomic_write_text(results_dir / "README.md", results_readme(metrics, gates))

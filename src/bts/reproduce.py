@@ -3,7 +3,13 @@
 data -> tokenizer -> seed -> experts -> baselines -> BTS -> ablations -> evaluation -> results/<profile>/.
 Each stage is listed in ``configs/reproduce/<profile>.yaml``. A stage is reused when its output exists and its
 recorded hash (its resolved config, the overrides, and the hashes of the stages it depends on) matches; an
-interrupted training stage resumes from its last Lightning checkpoint.
+interrupted training stage resumes from its last Lightning checkpoint (loaded with ``weights_only=True``; a
+truncated or unreadable ``last.ckpt`` is discarded and the stage restarts).
+
+Safety: one ``bts reproduce`` per run directory at a time (a second one fails at once); ``results_dir`` holding a
+``metrics.json`` of another profile is refused unless ``--force-results`` (results of different configurations
+are never silently mixed or overwritten); stitch checkpoints whose frozen models changed are refused unless
+``--allow-changed-models``, and then every affected metrics entry carries ``"changed_models"``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -24,6 +30,7 @@ from bts.io import (
     BTSError,
     atomic_write_json,
     atomic_write_text,
+    check_lightning_checkpoint,
     config_hash,
     ensure_writable_dir,
     exclusive_lock,
@@ -83,8 +90,10 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 class Pipeline:
-    def __init__(self, profile: Profile, seed: int, force: list[str] | None = None, progress: bool = True):
+    def __init__(self, profile: Profile, seed: int, force: list[str] | None = None, progress: bool = True,
+                 allow_changed_models: bool = False):
         self.p = profile
+        self.allow_changed_models = allow_changed_models
         self.seed = seed
         self.runs = Path(profile.runs_dir if seed == 0 else f"{profile.runs_dir}/seed_{seed}")
         self.state_dir = self.runs / ".stages"
@@ -152,7 +161,7 @@ class Pipeline:
         return args, cfg
 
     def run_fit(self, stage: StageSpec) -> Path:
-        from bts.cli import run_lightning
+        from bts.cli import mark_resuming, run_lightning
 
         cfg_path = self.resolve_config(stage)
         args, cfg = self._fit_args(stage, cfg_path)
@@ -166,15 +175,25 @@ class Pipeline:
         ckpt_dir = self._ckpt_dir(cfg)
         rec = self._record(stage.name)
         resume = None
-        if rec and rec.get("hash") == h and ckpt_dir and (ckpt_dir / "last.ckpt").is_file():
+        # --force means a fresh run: never resume it from its (possibly finished) last checkpoint
+        forced = stage.name in self.force
+        if not forced and rec and rec.get("hash") == h and ckpt_dir and (ckpt_dir / "last.ckpt").is_file():
             resume = ckpt_dir / "last.ckpt"
-            self.log(f"{stage.name}: resuming from {resume}")
-        elif ckpt_dir and ckpt_dir.exists():
+            try:
+                check_lightning_checkpoint(resume)
+                self.log(f"{stage.name}: resuming from {resume}")
+            except BTSError as e:
+                self.log(f"{stage.name}: cannot resume ({e}); restarting the stage")
+                resume = None
+        if resume is None and ckpt_dir and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         self._mark(stage.name, h, "started")
         self.log(f"{stage.name}: bts {' '.join(args)}")
         t = time.perf_counter()
         cli = run_lightning(args[1:], run=False)
+        # a log dir without a versioned logger may hold the interrupted/earlier run's config.yaml: keep it, and save
+        # this run's beside it
+        mark_resuming(cli.trainer, "resumed" if resume else "rerun")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume) if resume else None,
                         weights_only=True)
         self.timings[stage.name] = time.perf_counter() - t
@@ -244,14 +263,18 @@ class Pipeline:
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def evaluate_stage(self, stage: StageSpec, output: Path) -> dict:
-        from bts.eval.loading import load_for_eval
-        from bts.eval.suite import EvalConfig, evaluate
+        from bts.eval.loading import changed_models_entry, load_for_eval
+        from bts.eval.suite import TASKS, EvalConfig, evaluate
 
         unknown = sorted(set(self.p.eval) - set(EvalConfig.__dataclass_fields__))
         if unknown:
             raise BTSError(f"profile {self.p.profile}: unknown eval key '{unknown[0]}'")
         cfg = EvalConfig(**self.p.eval)
-        h = config_hash({"stage": self.hashes[stage.name], "eval": self.p.eval})
+        # the suite's task list and full config are part of the key: a new metric re-evaluates every method
+        key = {"stage": self.hashes[stage.name], "eval": asdict(cfg), "tasks": sorted(TASKS)}
+        if self.allow_changed_models:
+            key["allow_changed_models"] = True
+        h = config_hash(key)
         cache = output / "eval.json"
         if cache.is_file():
             rec = json.loads(cache.read_text())
@@ -260,7 +283,7 @@ class Pipeline:
         t = time.perf_counter()
         import torch
 
-        model, tokenizer, params = load_for_eval(output)
+        model, tokenizer, params = load_for_eval(output, allow_changed_models=self.allow_changed_models)
         threads = torch.get_num_threads()
         if self.p.eval_threads:
             torch.set_num_threads(self.p.eval_threads)
@@ -268,7 +291,7 @@ class Pipeline:
             result = evaluate(model, tokenizer, cfg=cfg, progress=self.progress)
         finally:
             torch.set_num_threads(threads)
-        result = {"family": stage.family, "params": params, **result}
+        result = {"family": stage.family, "params": params, **result, **changed_models_entry(model)}
         atomic_write_json(cache, {"hash": h, "result": result})
         self.timings[f"eval_{stage.name}"] = time.perf_counter() - t
         return result
@@ -333,11 +356,43 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
 
 def model_config_summary(runs: Path) -> dict:
     cfg = json.loads((runs / "seed" / "config.json").read_text())
-    return {
-        "d_model": cfg["hidden_size"],
-        "n_layers": cfg["num_hidden_layers"],
-        "vocab_size": cfg["vocab_size"],
-    }
+    summary = {"d_model": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "vocab_size": cfg["vocab_size"]}
+    bts_manifest = runs / "bts" / "bts.json"
+    if bts_manifest.is_file():
+        m = json.loads(bts_manifest.read_text())
+        summary |= {"n_experts": m["n_experts"], "stitch_layers": m["stitch_config"]["num_stitch_layers"],
+                    "stitch_init": m["stitch_config"]["init"]}
+    return summary
+
+
+LOSS_FIGURES = {
+    "loss_dense.png": ("seed", "expert_code", "expert_math", "expert_multilingual"),
+    "loss_baselines.png": ("expert_routing", "bam_adapters", "btx_sample", "btx_soft", "btx_top2", "bam"),
+    "loss_bts.png": ("bts", "bts_k1", "bts_all_e2h", "bts_hub_math", "bts_two_model", "bts_no_multilingual",
+                     "bts_add_multilingual"),
+}
+
+
+def write_figures(profile: Profile, results_dir: Path, threads: int | None) -> dict | None:
+    """Loss curves of every stage and the gate analysis of the BTS model (seed 0's run); returns gates.json."""
+    import torch
+
+    from bts.figures import loss_curves
+
+    runs = Path(profile.runs_dir)
+    for name, stages in LOSS_FIGURES.items():
+        loss_curves(runs / "logs", list(stages), results_dir / "figures" / name, title=f"train/loss ({name[5:-4]})")
+    if not (runs / "bts" / "bts.json").is_file():
+        return None
+    from bts.gates import analyze
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return analyze(runs / "bts", runs / "tokenizer", results_dir, tb_log_dir=runs / "logs" / "gates")
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds; with >1 floats are mean with *_std")
     ap.add_argument("--force", nargs="*", default=[], help="stage names to rerun even if reusable")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--force-results", action="store_true",
+                    help="write into a results_dir that holds metrics.json of another profile")
+    ap.add_argument("--allow-changed-models", action="store_true",
+                    help="evaluate stitch checkpoints whose frozen models changed (recorded as changed_models)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         raise BTSError(f"--seeds must be >= 1 (got {args.seeds})")
@@ -353,14 +412,33 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = ensure_writable_dir(profile.results_dir)
     ensure_writable_dir(profile.runs_dir)
     with exclusive_lock(Path(profile.runs_dir) / ".lock", f"run directory {profile.runs_dir}"):
+        if not args.force_results:
+            check_results_dir(results_dir, profile.profile)
         return _reproduce(profile, results_dir, args)
+
+
+def check_results_dir(results_dir: Path, profile: str) -> None:
+    """Refuse a results directory whose ``metrics.json`` was produced by another profile (another configuration:
+    the tables would mix or overwrite its results)."""
+    path = Path(results_dir) / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")).get("profile")
+    except (OSError, ValueError, AttributeError):
+        raise BTSError(f"{path} exists but is not a readable metrics.json; move it away or pass --force-results") \
+            from None
+    if previous != profile:
+        raise BTSError(f"{path} holds results of profile {previous!r}, not {profile!r}; use another results_dir or "
+                       "pass --force-results to overwrite them")
 
 
 def _reproduce(profile: Profile, results_dir: Path, args) -> int:
     t0 = time.perf_counter()
     per_seed, timings = [], {}
     for s in range(args.seeds):
-        out = Pipeline(profile, s, args.force, progress=not args.no_progress).run()
+        out = Pipeline(profile, s, args.force, progress=not args.no_progress,
+                       allow_changed_models=getattr(args, "allow_changed_models", False)).run()
         per_seed.append({"methods": out["methods"], "ablations": out["ablations"]})
         timings[f"seed{s}"] = {k: round(v, 1) for k, v in out["timings"].items()}
     merged = aggregate_seeds(per_seed)
@@ -377,7 +455,10 @@ def _reproduce(profile: Profile, results_dir: Path, args) -> int:
         "ablations": merged["ablations"],
         "stage_seconds": timings,
     }
-    write_results(results_dir, metrics)
+    if getattr(args, "allow_changed_models", False):
+        metrics["allow_changed_models"] = True
+    gates = write_figures(profile, results_dir, profile.eval_threads)
+    write_results(results_dir, metrics, gates)
     print(f"wrote {results_dir}/metrics.json and tables in {metrics['wall_seconds']:.0f} s")
     return 0
 

@@ -63,6 +63,8 @@ class StitchLayer(nn.Module):
         self.gate_dropout = nn.Dropout(gate_dropout)
         self.record_gates = False
         self.last_gates: torch.Tensor | None = None
+        self.label = f"{kind} stitch layer"
+        """Name used in error messages (``StitchedLM`` sets ``stitch layer <j> (after layer <l>, <kind>)``)."""
         self.reset_parameters(init)
 
     # --- parameters ----------------------------------------------------------------------------------------------
@@ -91,6 +93,17 @@ class StitchLayer(nn.Module):
         logits = self.gate_dropout(self.stitch_gate(h0))  # [B, T, (n+1)·d]
         return logits.view(b, t, d, self.n_experts + 1)  # [B, T, d, n+1]
 
+    def _check_gates(self, g: torch.Tensor) -> None:
+        """Gate values must be finite. One reduction + host sync per call; skipped while ``torch.compile`` traces
+        (a data-dependent branch would break the graph)."""
+        if torch.compiler.is_compiling():
+            return
+        if not bool(torch.isfinite(g).all()):
+            raise BTSError(
+                f"{self.label} produced non-finite gate values (nan/inf in the gate input or the gate weights); "
+                "lower the learning rate or check the frozen models' hidden states"
+            )
+
     def forward(self, hidden: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """``hidden``: ``n + 1`` tensors ``[B, T, d]``, hub first. Returns ``n + 1`` tensors ``[B, T, d]``, hub first."""
         if len(hidden) != self.n_experts + 1:
@@ -113,12 +126,15 @@ class StitchLayer(nn.Module):
         h0 = hs[0]
         b, t, d = h0.shape
         n = self.n_experts
-        g = torch.softmax(self._gate_logits(h0), dim=-1)  # [B, T, d, n+1]
+        # softmax over the models with the model axis *not* innermost: a softmax (and its backward) over an innermost
+        # axis of length n+1 is ~8x slower on CPU, and the einsum it fed ran B·T·d tiny matmuls (benchmarks/)
+        g = torch.softmax(self._gate_logits(h0).transpose(-1, -2), dim=-2)  # [B, T, n+1, d] (a view of [.., d, n+1])
+        self._check_gates(g)
         experts = torch.stack(hs[1:], dim=0).view(n, b * t, d)  # [n, B·T, d]
         proj = torch.bmm(experts, self.stitch_proj.transpose(1, 2)).view(n, b, t, d)  # [n, B, T, d]
-        mixed = g[..., 0] * h0 + torch.einsum("btdn,nbtd->btd", g[..., 1:], proj)  # [B, T, d]
+        mixed = g[:, :, 0] * h0 + (g[:, :, 1:] * proj.permute(1, 2, 0, 3)).sum(dim=2)  # [B, T, d]
         if self.record_gates:
-            self.last_gates = g.detach().mean(dim=2)  # [B, T, n+1]
+            self.last_gates = g.detach().mean(dim=3)  # [B, T, n+1]
         return [mixed, *proj.unbind(0)]
 
     def _h2e(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -132,6 +148,7 @@ class StitchLayer(nn.Module):
         b, t, d = h0.shape
         n = self.n_experts
         g = torch.sigmoid(self._gate_logits(h0))  # [B, T, d, n+1]
+        self._check_gates(g)
         proj = F.linear(h0, self.stitch_proj.reshape(n * d, d)).view(b, t, n, d)  # [B, T, n, d]: w_proj_i(h0)
         experts = torch.stack(hs[1:], dim=2)  # [B, T, n, d]
         gi = g[..., 1:].transpose(2, 3)  # [B, T, n, d]

@@ -114,6 +114,8 @@ def write_stitched(model: StitchedLM, out_dir: str | Path, extra: dict | None = 
     extra = dict(extra or {})
     if model.changed_models:
         extra["trained_with_changed_models"] = list(model.changed_models)
+    if model.allow_changed_models:
+        extra["allow_changed_models"] = True
     write_stitch_files(
         Path(out_dir),
         model.stitch_state_dict(),

@@ -186,6 +186,7 @@ class StitchModule(LMTrainingModule):
                 p.grad.copy_(torch.where(mask, p.grad, torch.zeros_like(p.grad)))
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # non-finite gradient check
         if not self._grad_masks or self.weight_decay == 0:
             return
         lr = next(g["lr"] for g in optimizer.param_groups if g.get("bts_masked"))
@@ -195,6 +196,7 @@ class StitchModule(LMTrainingModule):
 
     # --- checkpoints and artifact --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.stitch_")
         }

