@@ -70,8 +70,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bts.model import StitchConfig, StitchedLM  # noqa: E402
-from bts.modeling import LlamaArch, build_llama  # noqa: E402
+from bts.model import StitchConfig, StitchedLM
+from bts.modeling import LlamaArch, build_llama
 
 
 # --------------------------------------------------------------------------------------------------- sizes
@@ -576,8 +576,8 @@ def write_report(res: dict, path: Path) -> None:
         "",
         "## Machine",
         "",
-        f"- CPU: {m['cpu']} — {m['cores']} cores visible, torch threads {m['torch_threads']}; "
-        f"RAM {m['ram_gib']:.0f} GiB",
+        f"- CPU: {m['cpu']} — {m['cores']} cores visible, torch threads {m['torch_threads']} "
+        f"({m.get('threads_reason', '')}); RAM {m['ram_gib']:.0f} GiB",
         f"- python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}",
         f"- load average (1/5/15 min) at start: {m['load_start']}; at end: {m['load_end']} "
         "(the machine is shared: other jobs ran at the same time, so absolute times are noisy; the ratios are "
@@ -694,6 +694,7 @@ def write_report(res: dict, path: Path) -> None:
             f"{c['optimizer_state_tensors']} (stitch tensors {c['stitch_tensors']}, non-stitch "
             f"{c['optimizer_state_non_stitch']}) → **{'OK' if c['ok'] else 'FAILED'}**.",
         ]
+    lines += gpu_section(path.parent)
     lines += ["", "## Decisions", "", *decisions(res), ""]
     path.write_text("\n".join(lines))
 
@@ -706,6 +707,55 @@ NOTES = {
     "compile": "`StitchConfig(compile=True)`: every decoder layer and stitch layer through `torch.compile` (inductor).",
     "bf16_autocast": "`torch.autocast(bfloat16)` around the stitched forward only (on GPU: `precision: bf16-mixed`).",
 }
+
+def gpu_section(folder: Path) -> list[str]:
+    """Results of ``benchmarks/gpu_check.py`` saved beside the report as ``gpu_check_<card>.json`` (run separately)."""
+    lines = []
+    for f in sorted(folder.glob("gpu_check_*.json")):
+        try:
+            g = json.loads(f.read_text())
+        except ValueError:
+            continue
+        lines += [
+            "",
+            f"## GPU: {g.get('device')} (`{f.name}`, from `benchmarks/gpu_check.py`, a separate run)",
+            "",
+            f"torch {g.get('torch')}, CUDA {g.get('cuda')}, {g.get('precision')}; batch 16 × seq 128 at both sizes. "
+            "Peak memory = `torch.cuda.max_memory_allocated` of 2 steps above the memory held before them.",
+            "",
+            "| size | stitch ÷ frozen step | gen tok/s ratio | step before ÷ after E2H layout | stitch layers before → after "
+            "(ms) | ckpt time | peak MiB frozen / stitch / stitch+ckpt / dense one model |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in g.get("sizes", {}).items():
+            if not isinstance(r, dict) or "step_ratio" not in r:
+                continue
+            v, m = r["variants_vs_reference"], r["peak_mem_mib"]
+            lines.append(
+                f"| {name} | {r['step_ratio']:.3f} | {r['gen_ratio']:.3f} | {v.get('e2h_before', float('nan')):.3f} | "
+                f"{r['stitch_layers_before_ms']:.1f} → {r['stitch_layers_ms']:.1f} | ×{v.get('ckpt', float('nan')):.2f} "
+                f"| {m['frozen']:.0f} / {m['stitch']:.0f} / {m['stitch_ckpt']:.0f} / {m['dense']:.0f} |"
+            )
+        lb, fb, fe = g.get("lightning_bf16", {}), g.get("fsdp_bts", {}), g.get("fsdp_expert", {})
+        if "steps" in lb:
+            lines.append(
+                f"\n- Lightning `bf16-mixed` `StitchModule` fit: {lb['steps']} steps, loss finite {lb['loss_finite']}, "
+                f"frozen bit-identical {lb['frozen_bit_identical']}, stitch trained {lb['stitch_trained']} "
+                f"(dtypes {', '.join(lb['stitch_dtypes'])}), optimizer state tensors {lb['optimizer_state_tensors']}"
+            )
+        if "steps" in fb:
+            lines.append(
+                f"- `configs/bts/fsdp_gpu.yaml` on 1 GPU: {fb['fsdp_units']} FSDP units ({', '.join(fb['unit_types'])}); "
+                f"units holding trainable parameters: {', '.join(fb['units_with_trainable_params'])}; {fb['steps']} "
+                f"steps, frozen bit-identical {fb.get('frozen_bit_identical')}, stitch trained {fb.get('stitch_trained')}"
+            )
+        if "steps" in fe:
+            lines.append(
+                f"- `configs/experts/fsdp_gpu.yaml` on 1 GPU: {fe['fsdp_units']} FSDP units, {fe['steps']} steps, "
+                f"weights changed {fe.get('weights_changed')}/{fe.get('weights_total')}"
+            )
+    return lines
+
 
 def decisions(res: dict) -> list[str]:
     """The keep / opt-in / drop verdict of every optimisation, with the numbers it rests on."""
@@ -753,11 +803,12 @@ def decisions(res: dict) -> list[str]:
         )
     co = variant("compile")
     if co:
-        parts = [f"{n}: time ×{d['vs_reference']:.2f} after {d.get('compile_s', float('nan')):.0f} s of compilation"
+        parts = [f"{n}: time ×{d['vs_reference']:.2f}; compile + first 2 steps {d.get('compile_s', float('nan')):.0f} s"
                  for n, d in co]
         out.append(
             "- **`torch.compile`** — `StitchConfig(compile=True)`, **opt-in, default off**: " + "; ".join(parts)
-            + ". Pays only when the run is long enough to amortise the compile (and on GPU, where launch overhead "
+            + " (with inductor's on-disk cache from earlier runs; a cold compile took ~60 s on this machine under "
+            "load). Pays only when the run is long enough to amortise the compile (and on GPU, where launch overhead "
             "matters more); cached generation stays eager. Compiling the whole `StitchedLM` as one graph instead "
             "(`torch.compile(model)`) took ~4 min to compile on this machine and was not pursued."
         )
@@ -788,6 +839,8 @@ def main(argv=None) -> int:
                          "1-min load average (at least 1) — OpenMP threads that wait for a busy core make timings "
                          "meaningless")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the report from the results.json beside --out (no measurement)")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -802,6 +855,11 @@ def main(argv=None) -> int:
         print(json.dumps(mem_child(args.mem_child, args.sizes, args.quick)))
         return 0
 
+    if args.render:
+        out = Path(args.out)
+        write_report(json.loads(out.with_name("results.json").read_text()), out)
+        print(f"wrote {out}")
+        return 0
     import lightning
     import transformers
 
@@ -813,6 +871,9 @@ def main(argv=None) -> int:
             "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "threads_reason": (f"--threads {args.threads}" if args.threads else
+                               f"auto: 1-min load {load1:.2f} at start → " + ("all cores" if load1 < 0.5 else
+                               "the cores it leaves free, at least 1")),
             "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "python": platform.python_version(),
             "torch": torch.__version__,
