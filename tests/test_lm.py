@@ -82,3 +82,16 @@ def test_lightning_checkpoint_resumes_with_weights_only(tmp_path):
     trainer = _trainer(6)
     trainer.fit(resumed, train_dataloaders=_loader(), ckpt_path=str(ckpt_dir / "last.ckpt"), weights_only=True)
     assert trainer.global_step == 6
+
+
+def test_gradient_clipping_under_fsdp_uses_the_root_modules_collective_clip():
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = CausalLMModule(arch=ARCH)
+    root = mock.Mock()
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), model=root)
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    root.clip_grad_norm_.assert_called_once_with(0.5)

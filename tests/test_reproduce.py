@@ -95,3 +95,18 @@ def test_seed_aggregation_mean_and_std():
     out = aggregate_seeds([a, b])["methods"]["m"]
     assert out["ppl"]["code"] == 3.0 and out["ppl"]["code_std"] == pytest.approx(2 ** 0.5)
     assert out["avg"] == 2.0 and out["family"] == "dense"
+
+
+def test_parallel_stage_failure_names_the_stage_and_stops_dependants(tmp_path):
+    from bts.reproduce import Pipeline, Profile, StageSpec
+
+    stages = [StageSpec(name="bad", kind="command", args=["merge", "--config", str(tmp_path / "missing.yaml")]),
+              StageSpec(name="after_bad", kind="command", args=["merge", "--config", "x.yaml"], after=["bad"])]
+    profile = Profile(profile="p", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=stages)
+    pipe = Pipeline(profile, 0, progress=False)
+    preps = {s.name: pipe.prepare(s) for s in stages}
+    with pytest.raises(BTSError, match="stage bad failed"):
+        pipe._run_parallel(preps, jobs=2)
+    logs = tmp_path / "runs" / "logs" / "reproduce"
+    assert "missing.yaml" in (logs / "bad.log").read_text()  # the worker's output went to the stage's log
+    assert not (logs / "after_bad.log").exists()  # a stage after a failed one never starts

@@ -31,7 +31,7 @@ from torch import nn
 from bts.eval.interface import greedy_or_sample_uncached
 from bts.eval.perplexity import DomainPerplexity, token_nll
 from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir
-from bts.modeling import LlamaArch, build_llama, load_causal_lm
+from bts.modeling import LlamaArch, build_llama, check_tokenizer_fits, load_causal_lm
 from bts.params import ParamCounts, count_params
 from bts.schedule import warmup_cosine
 
@@ -69,6 +69,18 @@ class LMTrainingModule(L.LightningModule):
         self._rng_base_seed = int(torch.initial_seed()) % (2**63)
         if output_dir is not None:
             ensure_writable_dir(Path(output_dir).parent)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val`` under FSDP too: FSDP shards the gradients, so the global norm comes from the
+        root FSDP module's ``clip_grad_norm_`` (a collective), which Lightning's FSDP precision plugin refuses to
+        call itself."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"
+                and isinstance(self.trainer.strategy, FSDPStrategy)):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- interface -------------------------------------------------------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
@@ -261,11 +273,7 @@ class CausalLMModule(LMTrainingModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        if tok is not None and len(tok) != self.model.config.vocab_size:
-            raise BTSError(
-                f"model.vocab_size={self.model.config.vocab_size} does not match the tokenizer's {len(tok)} tokens"
-            )
+        check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.config.vocab_size, "model")
 
     def save_artifact(self, out_dir: Path) -> None:
         self.model.config.use_cache = True

@@ -382,6 +382,8 @@ class StitchedLM(nn.Module):
             self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
         )
         blocks, stitches = self._runners(compiled=self.config.compile and not use_cache)
+        for stitch in self.stitch_layers:
+            stitch.defer_finite_check, stitch.gates_finite = True, None
         for layer in range(self.num_layers):
             active = (
                 n_models if layer < last_stitch else 1
@@ -405,8 +407,15 @@ class StitchedLM(nn.Module):
                 states = stitches[j](states)
                 if self._recorder is not None and stitch.kind == "e2h":
                     self._recorder._add(j, stitch.last_gates)
+        self._check_gates_finite()
         hub = self._parts[0]
         return hub.lm_head(hub.norm(states[0]))  # [B, T, V]
+
+    def _check_gates_finite(self) -> None:
+        """One host sync for all K stitch layers' gate checks; the error names the first bad layer."""
+        flagged = [s for s in self.stitch_layers if s.gates_finite is not None]
+        if flagged and not bool(torch.stack([s.gates_finite for s in flagged]).all()):
+            raise next(s for s in flagged if not bool(s.gates_finite)).non_finite_error()
 
     # --- generation ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -118,6 +118,16 @@ def decoder_parts(model: PreTrainedModel) -> DecoderParts:
     return DecoderParts(inner.embed_tokens, inner.rotary_emb, inner.layers, inner.norm, model.lm_head, model.config)
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, what: str = "model") -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding rows (its ids would index past them). A model
+    vocabulary *larger* than the tokenizer is fine: checkpoints pad it (Qwen2.5: 151,936 rows, 151,665 tokens)."""
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise BTSError(
+            f"{what} vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens (token ids "
+            "would index past the embedding); use the tokenizer the models were trained with"
+        )
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Freeze every parameter and put the module in eval mode (its own dropout off)."""
     module.requires_grad_(False)

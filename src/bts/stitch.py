@@ -63,6 +63,10 @@ class StitchLayer(nn.Module):
         self.gate_dropout = nn.Dropout(gate_dropout)
         self.record_gates = False
         self.last_gates: torch.Tensor | None = None
+        self.defer_finite_check = False
+        """Set by ``StitchedLM``: keep the finiteness flag in ``gates_finite`` (no host sync here) for the model to
+        check every stitch layer with a single sync per forward (K syncs per step would stall a GPU)."""
+        self.gates_finite: torch.Tensor | None = None
         self.label = f"{kind} stitch layer"
         """Name used in error messages (``StitchedLM`` sets ``stitch layer <j> (after layer <l>, <kind>)``)."""
         self.reset_parameters(init)
@@ -94,15 +98,21 @@ class StitchLayer(nn.Module):
         return logits.view(b, t, d, self.n_experts + 1)  # [B, T, d, n+1]
 
     def _check_gates(self, g: torch.Tensor) -> None:
-        """Gate values must be finite. One reduction + host sync per call; skipped while ``torch.compile`` traces
-        (a data-dependent branch would break the graph)."""
+        """Gate values must be finite (one reduction; a host sync unless ``defer_finite_check``). Skipped while
+        ``torch.compile`` traces (a data-dependent branch would break the graph)."""
         if torch.compiler.is_compiling():
             return
-        if not bool(torch.isfinite(g).all()):
-            raise BTSError(
-                f"{self.label} produced non-finite gate values (nan/inf in the gate input or the gate weights); "
-                "lower the learning rate or check the frozen models' hidden states"
-            )
+        finite = torch.isfinite(g).all()
+        if self.defer_finite_check:
+            self.gates_finite = finite
+        elif not bool(finite):
+            raise self.non_finite_error()
+
+    def non_finite_error(self) -> BTSError:
+        return BTSError(
+            f"{self.label} produced non-finite gate values (nan/inf in the gate input or the gate weights); "
+            "lower the learning rate or check the frozen models' hidden states"
+        )
 
     def forward(self, hidden: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """``hidden``: ``n + 1`` tensors ``[B, T, d]``, hub first. Returns ``n + 1`` tensors ``[B, T, d]``, hub first."""

@@ -24,6 +24,7 @@ import torch
 from bts.io import BTSError
 from bts.lm import LMTrainingModule
 from bts.model import StitchConfig, StitchedLM
+from bts.modeling import check_tokenizer_fits
 from bts.params import ParamCounts
 from bts.schedule import warmup_cosine
 
@@ -151,12 +152,7 @@ class StitchModule(LMTrainingModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        if tok is not None and len(tok) != self.model.vocab_size:
-            raise BTSError(
-                f"the stitched models' vocab_size={self.model.vocab_size} does not match the tokenizer's "
-                f"{len(tok)} tokens"
-            )
+        check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.vocab_size, "the stitched models'")
 
     # --- train_only_new: gradient masks --------------------------------------------------------------------------
     def configure_optimizers(self):

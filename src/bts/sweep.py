@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="configs/sweeps/<name>.yaml")
     ap.add_argument("--profile", default="tiny", help="reproduction profile whose stages the points build on")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--jobs", type=int, default=None, help="points run at a time (default: the profile's `jobs`)")
     args = ap.parse_args(argv)
     sweep = load_sweep(args.config)
     profile = load_profile(args.profile)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.name in needed:
             s.report = "none"
     with exclusive_lock(runs / ".lock", f"run directory {profile.runs_dir}"):
-        out = Pipeline(profile, 0, progress=not args.no_progress).run()
+        out = Pipeline(profile, 0, progress=not args.no_progress).run(args.jobs or profile.jobs)
     rows = out["ablations"]
     results = ensure_writable_dir(Path(profile.results_dir) / "sweeps")
     atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})
