@@ -44,3 +44,16 @@ def test_bad_sweep_keys(tmp_path):
     bad.write_text("name: s\nbase: configs/bts/tiny.yaml\ngrid: {a: [1]}\nextra: 1\n")
     with pytest.raises(BTSError, match="unknown key 'extra'"):
         load_sweep(bad)
+
+
+def test_ablations_md_lists_sweep_tables_written_after_the_reproduction(tmp_path):
+    from bts.report import write_ablations
+
+    entry = {"family": "merging", "ppl": {"general": 2.0, "code": 3.0, "math": 4.0, "multilingual": 5.0},
+             "tasks": {}, "avg": None, "params": {"trained": 1, "total": 2, "active": 2}}
+    metrics = {"profile": "p", "seeds": [0], "ablations": {"bts_k1": entry}}
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "stitch_layers.md").write_text("## Sweep `stitch_layers`\n| K |\n")
+    write_ablations(tmp_path, metrics)
+    text = (tmp_path / "ablations.md").read_text()
+    assert "bts_k1" in text and "## Sweep `stitch_layers`" in text

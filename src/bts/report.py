@@ -109,18 +109,31 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
     return "\n".join(lines)
 
 
-def write_results(results_dir: Path, metrics: dict, gates: dict | None = None) -> None:
-    results_dir = Path(results_dir)
-    atomic_write_json(results_dir / "metrics.json", metrics)
-    header = (
+def _header(metrics: dict) -> str:
+    return (
         f"# Results: profile `{metrics['profile']}`, seeds {metrics['seeds']}\n\n"
         "Produced by `bts reproduce`; never edited by hand. Perplexity on held-out test blocks of each domain.\n\n"
     )
+
+
+def write_results(results_dir: Path, metrics: dict, gates: dict | None = None) -> None:
+    results_dir = Path(results_dir)
+    atomic_write_json(results_dir / "metrics.json", metrics)
+    header = _header(metrics)
     atomic_write_text(results_dir / "table.md", header + results_table(metrics["methods"], "Methods (Table 3 analogue)"))
     atomic_write_text(results_dir / "params.md", header + params_table({**metrics["methods"], **metrics["ablations"]}))
-    if metrics.get("ablations"):
-        sweeps = sorted((results_dir / "sweeps").glob("*.md")) if (results_dir / "sweeps").is_dir() else []
-        text = header + results_table(metrics["ablations"], "Ablations")
-        text += "".join("\n" + f.read_text() for f in sweeps)  # tables written by `bts sweep`
-        atomic_write_text(results_dir / "ablations.md", text)
+    write_ablations(results_dir, metrics)
     atomic_write_text(results_dir / "README.md", results_readme(metrics, gates))
+
+
+def write_ablations(results_dir: Path, metrics: dict) -> None:
+    """``ablations.md``: the reproduction's ablation rows, then every table ``bts sweep`` wrote to ``sweeps/``
+    (called by the reproduction and again by each sweep, so a sweep run later is listed without a rerun)."""
+    if not metrics.get("ablations"):
+        return
+    results_dir = Path(results_dir)
+    header = _header(metrics)
+    sweeps = sorted((results_dir / "sweeps").glob("*.md")) if (results_dir / "sweeps").is_dir() else []
+    text = header + results_table(metrics["ablations"], "Ablations")
+    text += "".join("\n" + f.read_text() for f in sweeps)  # tables written by `bts sweep`
+    atomic_write_text(results_dir / "ablations.md", text)

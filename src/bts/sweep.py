@@ -9,6 +9,7 @@ evaluation) after the profile stages they depend on; results go to ``results/<pr
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import itertools
 from pathlib import Path
@@ -120,5 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     results = ensure_writable_dir(Path(profile.results_dir) / "sweeps")
     atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})
     atomic_write_text(results / f"{sweep['name']}.md", sweep_table(sweep["name"], rows))
+    metrics_path = Path(profile.results_dir) / "metrics.json"
+    if metrics_path.is_file():  # list the new table in ablations.md now, not only at the next `bts reproduce`
+        from bts.report import write_ablations
+
+        write_ablations(Path(profile.results_dir), json.loads(metrics_path.read_text()))
     print(f"wrote {results}/{sweep['name']}.md ({len(rows)} points)")
     return 0
