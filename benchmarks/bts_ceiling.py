@@ -103,19 +103,22 @@ def main() -> None:
         "`results/tiny`).",
         "",
         "| domain | expert | seed (hub) | expert→hub head (I) | expert→hub head (best W) | bts | bts ÷ expert |"
-        " best W ÷ expert |",
-        "|---|---|---|---|---|---|---|---|",
+        " best W ÷ expert | bts ÷ best W |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['domain']} | {r['expert']:.2f} | {r['seed']:.2f} | {r['identity']:.2f} | "
                      f"{r['best_w']:.2f} | {r['bts']:.2f} | {r['bts'] / r['expert']:.2f} | "
-                     f"{r['best_w'] / r['expert']:.2f} |")
+                     f"{r['best_w'] / r['expert']:.2f} | {r['bts'] / r['best_w']:.2f} |")
     lines += [
         "",
-        "Reading: when `best W ÷ expert` is well above 1.10, no stitch training that keeps the hub's head as the",
-        "output (the paper's design) can bring BTS within 10 % of that expert at this scale: the tiny experts'",
-        "heads and final states drifted too far from the seed's for a linear map to bridge. BTS is then judged",
-        "against this ceiling as well as against the experts.",
+        "Reading: `best W ÷ expert` is what a *perfect* last E2H layer (all gate on the domain's expert, its",
+        "projection fitted to that domain alone) would leave between BTS and the expert, because the output is",
+        "always the hub's norm and head (the paper's design) and the tiny experts' final states and heads drifted",
+        "from the seed's further than a linear map bridges. Earlier E2H layers could in principle feed expert",
+        "states through the hub's remaining layers instead; `bts ÷ best W` shows how far the trained BTS is from",
+        "the last-layer ceiling, and the stitch-layer sweep in `results/tiny/ablations.md` shows whether more",
+        "(earlier) stitch layers help.",
         "",
     ]
     atomic_write_text(Path(args.out), "\n".join(lines))
