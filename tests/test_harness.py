@@ -129,10 +129,13 @@ def test_loglikelihood_matches_hf(both):
     ours, ref, _ = both
     a, b = _resps(ours, "bts_test_mc"), _resps(ref, "bts_test_mc")
     assert len(a) == len(MC)
+    diffs = []
     for ra, rb in zip(a, b):
         for (lla, ga), (llb, gb) in zip((x[0] for x in ra), (x[0] for x in rb)):
             assert float(lla) == pytest.approx(float(llb), abs=1e-4)
             assert ga == gb
+            diffs.append(abs(float(lla) - float(llb)))
+    print(f"max |loglikelihood(bts) - loglikelihood(hf)| over {len(diffs)} requests: {max(diffs):.3g}")
     assert ours["results"]["bts_test_mc"]["acc,none"] == ref["results"]["bts_test_mc"]["acc,none"]
 
 
@@ -141,6 +144,7 @@ def test_rolling_matches_hf(both):
     a, b = _resps(ours, "bts_test_roll"), _resps(ref, "bts_test_roll")
     for ra, rb in zip(a, b):
         assert float(ra[0][0]) == pytest.approx(float(rb[0][0]), abs=1e-4)
+    print(f"max |rolling loglikelihood(bts) - (hf)|: {max(abs(float(x[0][0]) - float(y[0][0])) for x, y in zip(a, b)):.3g}")
     # the long document really spans several windows of max_length=64
     assert len(lm.tok_encode(ROLL[1]["text"])) > 2 * lm.max_length
     for key in ("word_perplexity,none", "bits_per_byte,none"):
