@@ -4,6 +4,7 @@ reuses finished stages, and refuses bad input."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,36 @@ def test_parallel_stage_failure_names_the_stage_and_stops_dependants(tmp_path):
     logs = tmp_path / "runs" / "logs" / "reproduce"
     assert "missing.yaml" in (logs / "bad.log").read_text()  # the worker's output went to the stage's log
     assert not (logs / "after_bad.log").exists()  # a stage after a failed one never starts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_stage_workers_die_with_the_pipeline_process():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = (
+        "import multiprocessing as mp, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from bts.reproduce import _die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_die_with_parent)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(3)\n"
+        "    print(*pool._processes, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the stage worker outlived the killed pipeline process")

@@ -368,7 +368,8 @@ class Pipeline:
         failure: BaseException | None = None
         total = len(pending)
         # spawn: a forked copy of a process that already ran torch/Lightning is not safe to train in
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=_die_with_parent) as pool:
             while (pending and failure is None) or running:
                 ready = [s for s in pending if all(d in results for d in s.after)] if failure is None else []
                 for stage in ready:
@@ -419,6 +420,19 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join("    " + ln for ln in Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "    (no log)"
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, the kernel kills the worker when the pipeline process dies (e.g. SIGKILL), so an
+    orphaned stage never keeps writing into a run directory whose lock is already released."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
 
 
 def _stage_worker(profile: Profile, seed: int, force: list[str], allow_changed_models: bool, progress: bool,
