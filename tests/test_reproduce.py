@@ -144,3 +144,20 @@ def test_stage_workers_die_with_the_pipeline_process():
         time.sleep(0.1)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the stage worker outlived the killed pipeline process")
+
+
+@pytest.mark.parametrize("seed, expected", [
+    (0, []),
+    (2, ["--model.init_args.router_seed=2", "--data.init_args.seed=2"]),
+])
+def test_each_seed_varies_init_and_data_order(tmp_path, seed, expected):
+    # seed_everything alone leaves the configs' own seeds (weight/router init, data order) fixed
+    from bts.reproduce import Pipeline, Profile, StageSpec
+
+    profile = Profile(profile="p", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "r"), stages=[])
+    stage = StageSpec(name="btx_top2", kind="fit", config=str(ROOT / "configs/baselines/btx_top2.yaml"))
+    args, _ = Pipeline(profile, seed)._fit_args(stage, Path(stage.config))
+    assert f"--seed_everything={seed}" in args
+    assert [a for a in args if "seed=" in a and "seed_everything" not in a] == expected
+    args, _ = Pipeline(profile, seed)._fit_args(stage, ROOT / "configs/seed/tiny.yaml")
+    assert ("--model.init_args.seed=2" in args) == (seed == 2)

@@ -158,9 +158,23 @@ class Pipeline:
     def _fit_args(self, stage: StageSpec, cfg_path: Path) -> tuple[list[str], dict]:
         cfg = yaml.safe_load(cfg_path.read_text())
         cls = cfg["model"]["class_path"].rsplit(".", 1)[-1]
-        args = ["fit", "--config", str(cfg_path), f"--seed_everything={self.seed}"]
+        args = ["fit", "--config", str(cfg_path), f"--seed_everything={self.seed}"] + self._seed_overrides(cfg)
         args += list(self.p.fit_overrides) + list(self.p.model_overrides.get(cls, [])) + list(stage.args)
         return args, cfg
+
+    def _seed_overrides(self, cfg: dict) -> list[str]:
+        """For seed ``s > 0``: every integer ``seed`` / ``*_seed`` of the model's and the data's init_args is
+        shifted by ``s``. ``seed_everything`` alone would not vary a run: the weight init, the routers' init and the
+        data order have their own config seeds. Seed 0 keeps the configs exactly as written."""
+        if self.seed == 0:
+            return []
+        out = []
+        for section in ("model", "data"):
+            init = (cfg.get(section) or {}).get("init_args") or {}
+            for key, value in init.items():
+                if (key == "seed" or key.endswith("_seed")) and isinstance(value, int) and not isinstance(value, bool):
+                    out.append(f"--{section}.init_args.{key}={value + self.seed}")
+        return out
 
     def prepare_fit(self, stage: StageSpec) -> Prepared:
         cfg_path = self.resolve_config(stage)
