@@ -163,17 +163,19 @@ class Pipeline:
         return args, cfg
 
     def _seed_overrides(self, cfg: dict) -> list[str]:
-        """For seed ``s > 0``: every integer ``seed`` / ``*_seed`` of the model's and the data's init_args is
-        shifted by ``s``. ``seed_everything`` alone would not vary a run: the weight init, the routers' init and the
-        data order have their own config seeds. Seed 0 keeps the configs exactly as written."""
+        """For seed ``s > 0``: every integer ``seed`` / ``*_seed`` init argument of the model and the data module
+        (the config's value, else the class's default) is shifted by ``s``. ``seed_everything`` alone would not vary
+        a run: the weight init, the routers' init and the data order have their own seeds. Shifting defaults too
+        keeps a module's and a data module's ``seed`` equal (Lightning refuses to merge differing hparams). Seed 0
+        keeps the configs exactly as written."""
         if self.seed == 0:
             return []
         out = []
         for section in ("model", "data"):
-            init = (cfg.get(section) or {}).get("init_args") or {}
-            for key, value in init.items():
-                if (key == "seed" or key.endswith("_seed")) and isinstance(value, int) and not isinstance(value, bool):
-                    out.append(f"--{section}.init_args.{key}={value + self.seed}")
+            node = cfg.get(section) or {}
+            seeds = _seed_params(node.get("class_path"))
+            seeds.update({k: v for k, v in (node.get("init_args") or {}).items() if _is_seed(k, v)})
+            out += [f"--{section}.init_args.{k}={v + self.seed}" for k, v in seeds.items()]
         return out
 
     def prepare_fit(self, stage: StageSpec) -> Prepared:
@@ -427,6 +429,25 @@ class Prepared:
     output: Path | None
     args: list[str]
     ckpt_dir: Path | None = None
+
+
+def _is_seed(name: str, value) -> bool:
+    return (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seed_params(class_path: str | None) -> dict[str, int]:
+    """``{name: default}`` of the integer seed parameters of ``class_path.__init__`` (empty if it cannot import)."""
+    import importlib
+    import inspect
+
+    if not class_path or "." not in class_path:
+        return {}
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return {}  # the Lightning CLI reports a bad class_path itself, with a better message
+    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values() if _is_seed(p.name, p.default)}
 
 
 def _tail(path: Path, lines: int = 20) -> str:
