@@ -447,7 +447,8 @@ def _seed_params(class_path: str | None) -> dict[str, int]:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return {}  # the Lightning CLI reports a bad class_path itself, with a better message
-    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values() if _is_seed(p.name, p.default)}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if _is_seed(p.name, p.default)}
 
 
 def _tail(path: Path, lines: int = 20) -> str:
