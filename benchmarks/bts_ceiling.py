@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bts.data import DomainMixDataModule
+from bts.data import DomainMixDataModule, blocks_of
 from bts.eval.loading import load_for_eval
 from bts.eval.perplexity import token_nll
 from bts.io import atomic_write_text
@@ -35,9 +35,7 @@ SEQ, BLOCKS, STEPS, BATCH, LR = 128, 16, 300, 16, 1e-2
 
 
 def blocks(dm: DomainMixDataModule, domain: str, split: str, n: int | None) -> torch.Tensor:
-    stream = dm.token_stream(domain, split)
-    k = len(stream) // SEQ if n is None else n
-    return torch.from_numpy(stream[: k * SEQ].reshape(k, SEQ).astype(np.int64))  # [k, T]
+    return torch.from_numpy(blocks_of(dm.token_stream(domain, split), SEQ)[:n].astype(np.int64))  # [n, T]
 
 
 def final_state(model, ids: torch.Tensor) -> torch.Tensor:

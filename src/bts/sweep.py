@@ -9,9 +9,9 @@ evaluation) after the profile stages they depend on; results go to ``results/<pr
 from __future__ import annotations
 
 import argparse
-import json
 import copy
 import itertools
+import json
 from pathlib import Path
 
 import yaml
