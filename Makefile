@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (DESIGN.md §6): `make reproduce` and `make test`.
-# Both bootstrap .venv when it is missing: torch first (the CPU build 2.13.0), then the project.
+# Both bootstrap .venv when it is missing: torch first (torch==2.13.0; the CPU build where the pip index serves it),
+# then the project.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +10,9 @@ SEEDS ?= 1
 .PHONY: reproduce test lint venv clean-runs
 
 $(BIN)/bts:
+	@# the code and general corpora are built from the interpreter's standard library: another Python version gives
+	@# other data (README "Reproducible across machines"); say so before building on it
+	@$(PYTHON) -c "import sys; v='%d.%d.%d' % sys.version_info[:3]; v == '3.11.7' or print(f'warning: {sys.executable} is Python {v}; the committed results were made with 3.11.7, and the embedded code/general data depend on the interpreter (set PYTHON=... to choose another)')"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0

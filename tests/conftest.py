@@ -78,3 +78,24 @@ def saved_llama_family(tmp_path, llama_family):
         e.save_pretrained(d)
         dirs.append(d)
     return seed_dir, dirs
+
+
+# A test that skips is a test that does not exist: with BTS_FAIL_ON_SKIP=1 (set by .ci/run) a skipped test that is
+# not marked `gpu` fails the session, so a parity test can never silently disappear from CI.
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("BTS_FAIL_ON_SKIP") == "1" and _SKIPPED and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("BTS_FAIL_ON_SKIP") == "1" and _SKIPPED:
+        terminalreporter.write_line(f"error: {len(_SKIPPED)} test(s) skipped outside the gpu marker "
+                                    f"(BTS_FAIL_ON_SKIP=1): " + ", ".join(_SKIPPED[:10]), red=True)

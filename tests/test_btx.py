@@ -161,6 +161,64 @@ def test_sample_is_straight_through_top1(llama_family, ids):
     assert idx.tolist() == [[1]]  # argmax at evaluation
 
 
+def _chi2_pvalue(index: torch.Tensor, probs: torch.Tensor, groups: torch.Tensor | None = None) -> float:
+    """Pearson chi-square goodness of fit of the chosen experts ``index [N]`` to per-token probabilities ``probs
+    [N, E]`` (or one row ``[E]`` shared by every token). Tokens are split into ``groups [N]`` (default: one group);
+    in each group the observed count of expert ``e`` is compared with ``sum_tokens p_e``. Cells expecting fewer
+    than 5 tokens are left out; degrees of freedom = cells used - groups."""
+    from scipy.stats import chi2
+
+    index = index.reshape(-1)
+    probs = probs.double().expand(index.numel(), -1)
+    groups = torch.zeros_like(index) if groups is None else groups.reshape(-1)
+    stat, cells, n_groups = 0.0, 0, 0
+    for gid in groups.unique():
+        sel = groups == gid
+        observed = torch.bincount(index[sel], minlength=probs.shape[1]).double()
+        expected = probs[sel].sum(0)
+        keep = expected >= 5
+        stat += float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+        cells, n_groups = cells + int(keep.sum()), n_groups + 1
+    return float(chi2.sf(stat, max(cells - n_groups, 1)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_sample_frequencies_follow_router_softmax(temperature):
+    """Gumbel top-1 in training picks expert ``e`` with probability ``softmax(logits)_e`` (the Gumbel-max trick; the
+    temperature only shapes the gradient). A plain argmax fails the same test."""
+    moe = MoEFFN([torch.nn.Identity()] * 4, hidden_size=4, routing="gumbel", temperature=temperature).train()
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.7]).expand(20_000, 4)
+    probs = torch.softmax(logits[0], -1)
+    torch.manual_seed(0)
+    _, index = moe.route(logits)
+    assert index.shape == (20_000, 1)
+    assert _chi2_pvalue(index, probs) > 1e-3
+    freq = torch.bincount(index.reshape(-1), minlength=4).double() / 20_000
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+    moe.eval()  # evaluation routing is the argmax: it must fail the goodness of fit
+    _, argmax_index = moe.route(logits)
+    assert _chi2_pvalue(argmax_index, probs) < 1e-12
+
+
+def test_btx_sample_model_frequencies_follow_router_softmax(llama_family):
+    """In a BTX "sample" model (train mode), every layer's chosen experts over many tokens fit the router's
+    per-token softmax: tokens are grouped by their most likely expert and, in each group, the count of expert ``e``
+    is compared with ``sum_tokens p_e`` (Pearson chi-square). The argmax of the same router logits is rejected."""
+    seed, experts = llama_family
+    btx = build_btx(seed, experts, "sample", router_init_std=0.5).train()
+    ids = torch.randint(0, 97, (16, 64), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        btx(ids)
+    for moe in btx.moe_layers():
+        logits, index = moe.last_router_logits, moe.last_top_k_index
+        assert index.shape == (ids.numel(), 1)
+        probs = torch.softmax(logits.float(), -1)
+        top = probs.argmax(-1)
+        assert _chi2_pvalue(index, probs, groups=top) > 1e-3
+        assert _chi2_pvalue(top, probs, groups=top) < 1e-12
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_param_counts(variant, llama_family):
     seed, experts = llama_family

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bts.eval.command import main
-from bts.eval.suite import TASKS, EvalConfig
+from bts.eval.suite import GENERATIVE_TASKS, TASKS, EvalConfig
 from bts.eval.testing import all_texts, synthetic_records, tiny_tokenizer
 from conftest import tiny_llama
 
@@ -80,8 +80,16 @@ def test_suite_run_writes_metrics(model_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
     assert set(res["ppl"]) == {"general", "code", "math", "multilingual"}
-    assert list(res["tasks"]) == list(TASKS) and isinstance(res["avg"], float)
+    assert list(res["tasks"]) == [t for t in TASKS if t not in GENERATIVE_TASKS] and isinstance(res["avg"], float)
     assert res["info"]["config"]["math_items"] == 3
+    assert set(res["tasks_ci"]) == set(res["tasks"]) and "ppl:math" in res["items"]
+    # the generation metrics run when asked for by group or name
+    rc = main(["--model", str(d), "--data", str(jsonl), "--out", str(out), "--no-progress", *SMALL,
+               "--tasks", "math,humaneval_pass1", "--set", "math_mc_items=3"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert list(res["tasks"]) == ["math_em", "math_mc_acc", "humaneval_pass1"] and res["ppl"] == {}
+    assert res["info"]["items"]["math_em"] == 3 and len(res["items"]["math_em"]["num"]) == 3
 
 
 @pytest.mark.parametrize(
@@ -167,3 +175,6 @@ def test_callback_logs_and_writes_json(tmp_path):
     header = csv.splitlines()[0].split(",")
     assert {f"test/{k}" for k in TASKS} | {"test/avg", "test/translation_s_bleu"} <= set(header)
     assert module.training  # the suite restores train mode
+    from bts.eval.suite import DEFAULT_TASKS
+
+    assert DownstreamEvalCallback().tasks == [t for t in DEFAULT_TASKS if t != "ppl"]  # no generation by default

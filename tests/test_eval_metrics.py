@@ -11,10 +11,13 @@ from bts.eval.metrics import (
     bleu,
     char_to_token_spans,
     chrf,
+    chrf_from_statistics,
+    chrf_statistics,
     continuation_logprobs,
     line_char_spans,
     math_exact_match,
     multiple_choice_accuracy,
+    multiple_choice_credit,
     normalize_math_answer,
     pass_at_k,
     span_exact_matches,
@@ -102,6 +105,25 @@ def test_chrf_matches_torchmetrics_documented_value():
     assert chrf(["the cat is on the mat"], refs, n_word_order=2) == pytest.approx(86.40, abs=0.005)
 
 
+def test_chrf_statistics_reproduce_the_corpus_score():
+    """Summed per-pair statistics give torchmetrics' corpus chrF (resampling pairs needs no n-gram recount),
+    including its rule that a pair without any match adds no reference n-grams."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = "abcde fghij"
+    for _ in range(100):
+        n = rng.randint(1, 5)
+        preds = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+        refs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+        stats = chrf_statistics(preds, refs)
+        assert stats.shape == (n, 6, 3)
+        assert chrf_from_statistics(stats.sum(0)) == pytest.approx(chrf(preds, refs), abs=1e-4), (preds, refs)
+    preds, refs = ["Hallo wereld", "", "xyz"], ["Hallo wereld!", "Goedemorgen", "abc"]
+    assert chrf_statistics(preds, refs)[1:, :, 2].sum() == 0  # no match: reference n-grams left out
+    assert chrf_from_statistics(chrf_statistics(preds, refs).sum(0)) == pytest.approx(chrf(preds, refs), abs=1e-4)
+
+
 def test_bleu():
     assert bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
     assert bleu(["dog"], ["the cat is on the mat"]) == 0.0
@@ -169,6 +191,13 @@ def test_continuation_logprobs_hand_computed():
     assert flat[0].item() == flat[1].item() == pytest.approx(-3 * math.log(7), abs=1e-5)
     short = continuation_logprobs(torch.zeros(1, 5, 7), torch.randint(0, 7, (1, 5)), [3])
     assert short[0].item() == flat[0].item()
+
+
+def test_multiple_choice_credit():
+    scores = [[-1.0, -2.0, -3.0], [0.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, -1.0, -2.0]]
+    assert multiple_choice_credit(scores, [0, 1, 2, 0]) == [1.0, 0.5, 1 / 3, 0.0]
+    assert multiple_choice_accuracy(scores, [0, 1, 2, 0]) == pytest.approx(100 * (1 + 0.5 + 1 / 3) / 4)
+    assert multiple_choice_credit([], []) == [] and multiple_choice_accuracy([], []) == 0.0
 
 
 def test_multiple_choice_accuracy_splits_ties():

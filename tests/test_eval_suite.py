@@ -11,7 +11,9 @@ from torch import nn
 from bts.eval.interface import HFLanguageModel, greedy_or_sample_uncached
 from bts.eval.metrics import normalize_math_answer
 from bts.eval.suite import (
+    DEFAULT_TASKS,
     EXTRA_METRICS,
+    GENERATIVE_TASKS,
     TASK_GROUPS,
     TASKS,
     EvalConfig,
@@ -111,8 +113,11 @@ def _oracle(data, tok, problems):
     return NgramOracle(streams, len(tok))
 
 
+ALL = ("ppl", *TASK_GROUPS)
+
+
 def test_schema_and_determinism(model, tok, data):
-    r1 = evaluate(model, tok, cfg=SMALL, data=data, progress=False)
+    r1 = evaluate(model, tok, tasks=ALL, cfg=SMALL, data=data, progress=False)
     assert set(r1) >= {"ppl", "tasks", "avg", "extra", "info"}
     assert set(r1["ppl"]) == {"general", "code", "math", "multilingual"}
     assert list(r1["tasks"]) == list(TASKS)
@@ -122,9 +127,29 @@ def test_schema_and_determinism(model, tok, data):
     assert all(len(tok) / 4 < p < len(tok) * 4 for p in r1["ppl"].values())
     assert set(r1["extra"]) == set(EXTRA_METRICS)
     assert all(TASKS[t].chance == 25.0 for t in MC_TASKS) and all(r1["info"]["items"][t] > 0 for t in MC_TASKS)
+    assert set(r1["tasks_ci"]) == set(r1["chance"]) == set(TASKS) and set(r1["ppl_ci"]) == set(r1["ppl"])
+    assert set(r1["items"]) == {f"ppl:{d}" for d in r1["ppl"]} | (set(TASKS) - {"translation_s_chrf",
+                                                                             "translation_t_chrf"})
     json.dumps(r1)  # serialisable
-    r2 = evaluate(model, tok, cfg=SMALL, data=data, progress=False)
-    assert r1["ppl"] == r2["ppl"] and r1["tasks"] == r2["tasks"]
+    r2 = evaluate(model, tok, tasks=ALL, cfg=SMALL, data=data, progress=False)
+    r1["info"].pop("seconds"), r2["info"].pop("seconds")
+    assert r1 == r2
+
+
+def test_default_tasks_leave_out_generation():
+    """The default run is perplexity + the likelihood / teacher-forced metrics; generation metrics need a name."""
+    import inspect
+
+    assert inspect.signature(evaluate).parameters["tasks"].default == DEFAULT_TASKS
+    assert set(GENERATIVE_TASKS) == {"math_em", "translation_s_chrf", "translation_t_chrf", "humaneval_pass1"}
+    assert resolve_tasks(DEFAULT_TASKS) == (True, [
+        "math_mc_acc", "translation_s_mc_acc", "translation_t_mc_acc", "code_next_line_em", "code_mc_acc",
+        "general_next_word_acc", "general_mc_acc"])
+    assert all(TASKS[t].chance == 0.0 for t in GENERATIVE_TASKS)
+    assert resolve_tasks("math")[1] == ["math_em", "math_mc_acc"]  # group names still include them
+    cfg = EvalConfig()
+    assert cfg.ppl_blocks == 128 and cfg.code_items == cfg.general_items == 400
+    assert cfg.math_mc_items == cfg.translation_mc_items == cfg.code_mc_items == cfg.general_mc_items == 400
 
 
 @pytest.fixture(scope="module", params=["tiny", "project"])
@@ -170,6 +195,7 @@ def test_task_selection(model, tok, data):
     assert list(r["tasks"]) == ["general_mc_acc"] and set(r["extra"]) == {"general_mc_acc_norm"}
     assert resolve_tasks("translation_t_mc_acc_norm") == (False, ["translation_t_mc_acc"])
     assert resolve_tasks("translation_s_bleu") == (False, ["translation_s_chrf"])
+    assert resolve_tasks("translation_t_bleu") == (False, ["translation_t_chrf"])
     r = evaluate(model, tok, tasks=["ppl"], cfg=SMALL, data=data, progress=False)
     assert r["tasks"] == {} and r["avg"] is None and len(r["ppl"]) == 4
     assert resolve_tasks("ppl,translation") == (True, list(TASK_GROUPS["translation"]))
@@ -275,7 +301,7 @@ def test_uniform_model_is_at_chance_on_equal_length_candidates():
     assert r["tasks"]["math_mc_acc"] == 25.0 and r["extra"]["math_mc_acc_norm"] == 25.0
     r = evaluate(Uniform(len(tok)), tok, tasks="math_mc_acc", cfg=EvalConfig(math_mc_items=12, mc_choices=3),
                  data={"math": math_recs}, progress=False)
-    assert r["tasks"]["math_mc_acc"] == pytest.approx(100 / 3)
+    assert r["tasks"]["math_mc_acc"] == pytest.approx(100 / 3) == r["chance"]["math_mc_acc"]
 
 
 def test_mc_items_distinct_deterministic_and_stratified(tok, data):

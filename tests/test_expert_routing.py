@@ -116,17 +116,84 @@ def test_router_training_lowers_router_loss(synthetic, tmp_path):
 
 def test_forward_is_the_routed_models_logits_decided_by_the_prefix(llama_family):
     seed, experts = llama_family
-    router = ExpertRouter([seed, *experts], route_prefix=4, router_init_std=1.0).eval()
+    p = 4
+    router = ExpertRouter([seed, *experts], route_prefix=p, router_init_std=1.0).eval()
     ids = torch.randint(0, VOCAB, (6, 10), generator=torch.Generator().manual_seed(1))
     choice = router.route(ids)
+    per_pos = router.route_positions(ids)
+    assert per_pos.shape == (6, 10) and torch.equal(per_pos[:, -1], choice)
+    assert (per_pos[:, p - 1 :] == choice[:, None]).all()  # fixed from the end of the routing prefix on
+    for t in range(p):  # inside the prefix: routed on the tokens up to t
+        assert torch.equal(per_pos[:, t], router.route(ids[:, : t + 1]))
     logits = router(ids)
+    dense = [m(input_ids=ids).logits for m in router.models]
     for b in range(6):
-        dense = router.models[int(choice[b])](input_ids=ids[b : b + 1]).logits
-        torch.testing.assert_close(logits[b : b + 1], dense, atol=1e-6, rtol=0)
+        for t in range(10):
+            torch.testing.assert_close(logits[b, t], dense[int(per_pos[b, t])][b, t], atol=1e-5, rtol=0)
     changed = ids.clone()
-    changed[:, 4:] = (changed[:, 4:] + 1) % VOCAB  # tokens after the prompt prefix do not change the route
+    changed[:, p:] = (changed[:, p:] + 1) % VOCAB  # tokens after the prompt prefix do not change the route
     assert torch.equal(router.route(changed), choice)
+    assert torch.equal(router.route_positions(changed), per_pos)
     assert router.route(ids[:, :2]).shape == (6,)  # shorter than route_prefix: uses what is there
+
+
+def _flip(router, ids, p):
+    """(row, position s in 1..p-1, token) such that replacing ids[row, s] by token changes the row's route."""
+    base = router.route(ids)
+    for b in range(ids.shape[0]):
+        for s in range(1, p):
+            for tok in range(VOCAB):
+                changed = ids[b : b + 1].clone()
+                changed[0, s] = tok
+                if int(router.route(changed)[0]) != int(base[b]):
+                    return b, s, tok
+    raise AssertionError("no flipping token found")
+
+
+def test_routing_never_reads_a_token_it_scores(llama_family):
+    """Causality: the logits that predict token ``s`` (positions ``< s``) do not depend on token ``s`` or any later
+    token, even when changing token ``s`` (inside the routing prefix) changes the routing decision. The old rule
+    (the whole block scored with the model routed on its first P tokens) fails this: the check below shows that
+    under it the prediction of the flipped token would have changed."""
+    seed, experts = llama_family
+    p, t = 6, 12
+    router = ExpertRouter([seed, *experts], route_prefix=p, router_init_std=1.0, router_seed=3).eval()
+    ids = torch.randint(0, VOCAB, (4, t), generator=torch.Generator().manual_seed(2))
+    b, s, tok = _flip(router, ids, p)
+    changed = ids.clone()
+    changed[b, s] = tok
+    with torch.no_grad():
+        before, after = router(ids), router(changed)
+        torch.testing.assert_close(after[:, :s], before[:, :s], atol=1e-5, rtol=0)  # the prediction of token s
+        assert torch.equal(router.route_positions(changed)[:, :s], router.route_positions(ids)[:, :s])
+        assert int(router.route(changed)[b]) != int(router.route(ids)[b])  # the final route did change
+        # old rule: every position scored by the model routed on the first P tokens -> token s's prediction moves
+        old_before = router.models[int(router.route(ids)[b])](input_ids=ids[b : b + 1]).logits[0, s - 1]
+        old_after = router.models[int(router.route(changed)[b])](input_ids=changed[b : b + 1]).logits[0, s - 1]
+        assert not torch.allclose(old_before, old_after, atol=1e-3)
+        # every position: changing token s..T-1 leaves positions < s untouched
+        g = torch.Generator().manual_seed(5)
+        for pos in range(1, t):
+            other = ids.clone()
+            other[:, pos:] = torch.randint(0, VOCAB, (4, t - pos), generator=g)
+            torch.testing.assert_close(router(other)[:, :pos], before[:, :pos], atol=1e-5, rtol=0)
+
+
+def test_forward_matches_generation_prefix_logits(llama_family):
+    """``forward(x)[:, t]`` is the last-position logits of ``forward(x[:, :t+1])`` (what uncached generation uses),
+    and every token but the first is scored, as for every other method."""
+    seed, experts = llama_family
+    router = ExpertRouter([seed, *experts], route_prefix=5, router_init_std=1.0, router_seed=1).eval()
+    ids = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = router(ids)
+        assert full.shape == (5, 9, VOCAB)
+        for t in range(9):
+            torch.testing.assert_close(full[:, t], router(ids[:, : t + 1])[:, -1], atol=1e-5, rtol=0)
+        from bts.eval.perplexity import token_nll
+
+        assert token_nll(full, ids).shape == (5, 8)
+    assert len(router.route_positions(ids)[:, :4].unique()) > 1  # the test exercises more than one model
 
 
 def test_param_counts(llama_family):

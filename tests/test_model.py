@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -36,8 +37,9 @@ def _ids(b: int = 2, t: int = 9, seed: int = 0) -> torch.Tensor:
         (8, 4, False, [(2, "h2e"), (4, "e2h"), (6, "h2e"), (8, "e2h")]),
         (20, 4, False, [(5, "h2e"), (10, "e2h"), (15, "h2e"), (20, "e2h")]),
         (8, 1, False, [(8, "e2h")]),
-        (8, 3, False, [(2, "e2h"), (4, "h2e"), (6, "e2h")]),
-        (10, 4, False, [(2, "h2e"), (4, "e2h"), (6, "h2e"), (8, "e2h")]),
+        (8, 3, False, [(3, "e2h"), (5, "h2e"), (8, "e2h")]),
+        (10, 4, False, [(3, "h2e"), (5, "e2h"), (8, "h2e"), (10, "e2h")]),
+        (28, 10, False, [(a, "e2h" if j % 2 else "h2e") for j, a in enumerate([3, 6, 8, 11, 14, 17, 20, 22, 25, 28])]),
         (4, 4, False, [(1, "h2e"), (2, "e2h"), (3, "h2e"), (4, "e2h")]),
         (8, 4, True, [(2, "e2h"), (4, "e2h"), (6, "e2h"), (8, "e2h")]),
         (20, 10, False, [(2 * j, "e2h" if j % 2 == 0 else "h2e") for j in range(1, 11)]),
@@ -49,6 +51,27 @@ def test_placement(layers, k, all_e2h, expected):
     assert got[-1][1] == "e2h"
 
 
+@pytest.mark.parametrize("layers,k", [(L, K) for L in (8, 20, 28, 30) for K in (1, 2, 4, 10) if K <= L])
+@pytest.mark.parametrize("all_e2h", [False, True])
+def test_placement_last_stitch_after_final_layer(layers, k, all_e2h):
+    # K > L is refused (test_placement_k_equals_l_and_errors)
+    got = stitch_placement(layers, StitchConfig(num_stitch_layers=k, all_e2h=all_e2h))
+    after = [a for a, _ in got]
+    kinds = [kind for _, kind in got]
+    assert len(got) == k
+    assert after[-1] == layers  # the last stitch layer always follows the final transformer layer
+    assert after[0] >= 1 and all(b > a for a, b in itertools.pairwise(after))  # strictly increasing, inside the stack
+    assert after == [round_half_up((j + 1) * layers / k) for j in range(k)]  # evenly spread (documented rule)
+    if all_e2h:
+        assert kinds == ["e2h"] * k
+    else:  # alternate, ending in E2H
+        assert kinds[-1] == "e2h" and all(a != b for a, b in itertools.pairwise(kinds))
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)  # the test's values (j+1)·L/K are exact multiples of 1/K, no float rounding issue here
+
+
 def test_placement_k_equals_l_and_errors():
     got = stitch_placement(8, StitchConfig(num_stitch_layers=8))
     assert [a for a, _ in got] == list(range(1, 9)) and got[-1][1] == "e2h"
@@ -56,6 +79,8 @@ def test_placement_k_equals_l_and_errors():
     for k in (0, -1, 9):
         with pytest.raises(BTSError, match="num_stitch_layers"):
             stitch_placement(8, StitchConfig(num_stitch_layers=k))
+    with pytest.raises(BTSError, match="num_stitch_layers=31 exceeds the models' 30 layers"):
+        stitch_placement(30, StitchConfig(num_stitch_layers=31))
 
 
 def test_model_placement_and_param_counts():

@@ -13,7 +13,11 @@ from bts.sweep import load_sweep, point_config, point_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("sweep", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.name)
+SWEEPS = sorted((ROOT / "configs/sweeps").glob("*.yaml"))
+PROFILE_SWEEPS = [p for p in SWEEPS if "stages" in yaml.safe_load(p.read_text())]
+
+
+@pytest.mark.parametrize("sweep", [p for p in SWEEPS if p not in PROFILE_SWEEPS], ids=lambda p: p.name)
 def test_every_point_is_its_own_run(sweep):
     spec = load_sweep(sweep)
     base = yaml.safe_load((ROOT / spec["base"]).read_text())
@@ -57,3 +61,37 @@ def test_ablations_md_lists_sweep_tables_written_after_the_reproduction(tmp_path
     write_ablations(tmp_path, metrics)
     text = (tmp_path / "ablations.md").read_text()
     assert "bts_k1" in text and "## Sweep `stitch_layers`" in text
+
+
+@pytest.mark.parametrize("sweep", PROFILE_SWEEPS, ids=lambda p: p.name)
+def test_profile_sweep_points_are_valid_and_distinct(sweep):
+    """A profile sweep names stages of the tiny profile and `<ModelClass>:<dotted.key>` grid keys; every point
+    gets its own name (its own run directory)."""
+    import itertools
+
+    from bts.regime_sweep import _parse_key
+    from bts.reproduce import load_profile
+
+    spec = load_sweep(sweep)
+    stages = {s.name for s in load_profile(str(ROOT / "configs/reproduce/tiny.yaml")).stages}
+    assert set(spec["stages"]) <= stages
+    keys = [_parse_key(k) for k in spec["grid"]]
+    names = {point_name({d: v for (_, d), v in zip(keys, values)})
+             for values in itertools.product(*spec["grid"].values())}
+    assert len(names) == len(list(itertools.product(*spec["grid"].values())))
+    assert all("/" not in n and " " not in n for n in names)
+    with pytest.raises(BTSError, match="ModelClass"):
+        _parse_key("model.init_args.lr")
+
+
+def test_regime_table_rows():
+    from bts.regime_sweep import regime_row, regime_table
+
+    ppl = {"general": 10.0, "code": 10.0, "math": 10.0, "multilingual": 10.0}
+    methods = {"seed": {"ppl": ppl}, "bts": {"ppl": {**ppl, "code": 8.8}}, "btm": {"ppl": {**ppl, "code": 8.0}},
+               "expert_code": {"ppl": {**ppl, "code": 8.0}}}
+    ceiling = {"code": {"expert_ppl": 8.0, "identity_ppl": 8.4, "best_map_ppl": 8.2}}
+    row = regime_row(methods, ceiling)
+    assert row["gain_code"] == pytest.approx(0.2) and row["ceiling_code"] == pytest.approx(8.2 / 8.0)
+    assert row["bts_over_expert_code"] == pytest.approx(1.1) and row["bts_minus_btm"] == pytest.approx(0.2)
+    assert "| `p` | 0.200 |" in regime_table("x", {"p": row})

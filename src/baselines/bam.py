@@ -27,29 +27,19 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from baselines.btx import BTXModel, build_btx, load_btx
 from baselines.moe import (
     AttentionMixture,
     BaselineLM,
     clone_module,
     load_family,
     router_weight,
-    )
+)
+from baselines.upcycle import BAMModel, build_btx, load_btx
 from bts.lm import LMTrainingModule
 from bts.modeling import decoder_parts
 from bts.params import ParamCounts
 
-
-class BAMModel(BTXModel):
-    """A BAM mixture (Zhang et al. 2024, arXiv 2408.08274): a ``BTXModel`` whose layers' ``self_attn`` are
-    ``AttentionMixture`` blocks."""
-
-    method = "bam"
-
-    # param_counts (inherited): attention experts are soft-routed, so all of them count as active.
-
-    def attention_layers(self) -> list[AttentionMixture]:
-        return [layer.self_attn for layer in decoder_parts(self.model).layers]
+__all__ = ["BAMModel", "BAMModule", "build_bam", "load_bam"]
 
 
 def build_bam(

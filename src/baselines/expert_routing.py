@@ -1,7 +1,7 @@
-"""Expert routing — sequence-level routing to one frozen model, the routing baseline of the BTS paper (Zhang et al.
-2025, arXiv 2502.00075, §3.3; DESIGN.md §2), in the spirit of domain routing over branched experts (Li et al. 2022,
-"Branch-Train-Merge", arXiv 2208.03306, and Gururangan et al. 2023, "Scaling Expert Language Models with
-Unsupervised Domain Discovery", arXiv 2303.14177).
+"""Expert routing — routing each sequence to one frozen model from its prompt prefix, the routing baseline of the
+BTS paper (Zhang et al. 2025, arXiv 2502.00075, §3.3; DESIGN.md §2), in the spirit of domain routing over branched
+experts (Li et al. 2022, "Branch-Train-Merge", arXiv 2208.03306, and Gururangan et al. 2023, "Scaling Expert
+Language Models with Unsupervised Domain Discovery", arXiv 2303.14177).
 
 - Models: the seed and the ``n`` experts, frozen (``M = n + 1`` candidates, seed = index 0).
 - Router: a bias-free linear map ``R in R^{d x M}`` over the mean **input embedding** (the seed's embedding table)
@@ -14,9 +14,18 @@ Unsupervised Domain Discovery", arXiv 2303.14177).
   example uniformly in ``[min_prefix, T]`` so the router learns to decide from prefixes of any length. Only the
   router trains. The training loss logged as ``train/loss`` is this router CE (``train/router_acc`` is the
   fraction of sequences routed to their best model).
-- Inference: ``forward(input_ids)`` routes each sequence from its first ``min(route_prefix, T)`` tokens (the
-  prompt; default 32) and returns the chosen model's logits for the whole sequence, so the per-domain validation
-  perplexity is the routed model's LM perplexity.
+- Inference (``forward``): causal routing, so that the router never reads a token that is then scored with the
+  model it picked. With ``P = route_prefix`` (default 32), the logits at position ``t`` (the prediction of token
+  ``t + 1``) are those of the model the router picks from tokens ``0..min(t, P - 1)``, i.e. from the first
+  ``min(t + 1, P)`` tokens. From position ``P - 1`` on the choice is fixed (routed on the whole P-token prompt
+  prefix) and is the model that scores every later token; before that, each token is predicted by the model routed
+  on the tokens before it. The output is therefore an ordinary causal LM (logits at ``t`` depend only on tokens
+  ``<= t``), every method is scored on the same tokens (the evaluation suite and ``val/<domain>/ppl`` score every
+  token but the first of a block, for every method), and ``forward(x)[:, t]`` equals the last-position logits of
+  ``forward(x[:, :t + 1])``, which is what ``generate`` uses. ``route(input_ids)`` is the decision at the last
+  position (from the first ``min(P, T)`` tokens), ``route_positions`` the decision at every position.
+  (Before this rule, the whole block was scored with the model routed on its first P tokens, so the predictions
+  of tokens ``1..P-1`` used a routing decision that had read them: an optimistic perplexity.)
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from baselines.moe import (
     load_family,
     read_json,
     router_weight,
-    )
+)
 from bts.io import BTSError, atomic_write_json
 from bts.lm import LMTrainingModule
 from bts.modeling import decoder_parts, freeze
@@ -78,22 +87,36 @@ class ExpertRouter(BaselineLM):
         return self
 
     # --- routing -------------------------------------------------------------------------------------------------
-    def router_logits(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> torch.Tensor:
-        """Router logits ``[B, M]`` from the mean input embedding of the first ``lengths[b]`` tokens of row ``b``."""
+    def prefix_features(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Router features ``[B, T, d]`` (float32): at position ``t`` the mean input embedding of tokens ``0..t``
+        (RMS-normalised with ``normalize_features``); no gradient (the embedding table is frozen)."""
         with torch.no_grad():
             emb = self.embed_tokens(input_ids).float()
-            csum = emb.cumsum(dim=1)
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            feats = csum[rows, lengths - 1] / lengths[:, None].to(csum.dtype)
+            counts = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device, dtype=emb.dtype)
+            feats = emb.cumsum(dim=1) / counts[None, :, None]
             if self.normalize_features:
                 feats = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-12)
+        return feats
+
+    def router_logits(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> torch.Tensor:
+        """Router logits ``[B, M]`` from the mean input embedding of the first ``lengths[b]`` tokens of row ``b``."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        feats = self.prefix_features(input_ids)[rows, lengths - 1]
         return self.router(feats.to(self.router.weight.dtype)).float()
 
-    def route(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        """Index of the model each sequence goes to, decided from its first ``route_prefix`` tokens."""
+    def route_positions(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """``[B, T]``: the model that predicts the token after position ``t``, routed on the first
+        ``min(t + 1, route_prefix)`` tokens (constant from position ``route_prefix - 1`` on; module docstring)."""
         b, t = input_ids.shape
-        lengths = torch.full((b,), min(self.route_prefix, t), dtype=torch.long, device=input_ids.device)
-        return self.router_logits(input_ids, lengths).argmax(dim=-1)
+        p = min(self.route_prefix, t)
+        feats = self.prefix_features(input_ids[:, :p])  # [B, p, d]
+        choice = self.router(feats.to(self.router.weight.dtype)).float().argmax(dim=-1)  # [B, p]
+        return torch.cat([choice, choice[:, -1:].expand(b, t - p)], dim=1)
+
+    def route(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """``[B]``: the model each sequence is routed to from its first ``min(route_prefix, T)`` tokens (the choice
+        at the last position, which scores every token after the routing prefix)."""
+        return self.route_positions(input_ids)[:, -1]
 
     @torch.no_grad()
     def sequence_losses(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -121,17 +144,23 @@ class ExpertRouter(BaselineLM):
 
     # --- LanguageModel ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        choice = self.route(input_ids)
+        """Logits ``[B, T, V]``: at position ``t``, those of the model ``route_positions`` picks for ``t`` (causal
+        routing; module docstring). Each model runs once, on the rows that use it, up to the last position it
+        scores (the models are causal, so a shorter run gives the same logits)."""
+        choice = self.route_positions(input_ids)  # [B, T]
         chosen = choice.unique().tolist()
         if len(chosen) == 1:
             return self.models[chosen[0]](input_ids=input_ids, use_cache=False).logits
         out = None
         for m in chosen:
-            rows = (choice == m).nonzero(as_tuple=True)[0]
-            logits = self.models[m](input_ids=input_ids[rows], use_cache=False).logits
+            mask = choice == m  # [B, T]
+            rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
+            length = int(mask.any(dim=0).nonzero().max()) + 1
+            logits = self.models[m](input_ids=input_ids[rows, :length], use_cache=False).logits
             if out is None:
-                out = logits.new_empty((input_ids.shape[0], *logits.shape[1:]))
-            out[rows] = logits
+                out = logits.new_empty((*input_ids.shape, logits.shape[-1]))
+            r, c = mask[rows, :length].nonzero(as_tuple=True)
+            out[rows[r], c] = logits[r, c]
         return out
 
     def param_counts(self) -> ParamCounts:

@@ -1,123 +1,165 @@
-"""Which of the paper's claims hold at this scale: each claim is checked against ``metrics.json`` (and the gate
-summary) and reported with its numbers, whether it holds or not. Nothing here is hand-entered: the verdicts are
-recomputed every time ``bts reproduce`` writes ``results/<profile>/README.md``."""
+"""Which of the paper's claims hold in this regime, with significance (DESIGN.md §7).
+
+Each claim is a statistic of a few methods' evaluation cells whose sign is the claim (e.g. ``seed mean ppl − BTS
+mean ppl > 0``: "BTS beats the seed"). Its 95 % CI comes from ``bts.stats.paired_ci``: per bootstrap replicate the
+seeds are resampled, then each cell's items (blocks, MC items, gate prompts) within each seed, with the same items
+for every method (paired per seed: the same seed's data, seed model and experts). The verdict is "holds" when the
+CI excludes 0 in the claimed direction, "does not hold" when it excludes 0 the other way, "unresolved" otherwise.
+The paper's own figure is printed beside it. Nothing is hand-entered: ``bts reproduce`` recomputes every claim.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from bts.stats import paired_ci, verdict
 
 DOMAINS = ("general", "code", "math", "multilingual")
 EXPERT_DOMAINS = ("code", "math", "multilingual")
+GATES = "_gates"  # pseudo-method holding the per-prompt gate cells
 
 
 @dataclass
-class Claim:
+class ClaimSpec:
+    id: str
+    claim: str
     source: str
-    """Where the claim comes from (paper section / table, or the issue's acceptance)."""
-    text: str
-    holds: bool | None
-    """None when the rows it needs are missing."""
-    evidence: str
+    paper: str
+    methods: tuple[str, ...]
+    stat: Callable[[dict], float]
+    direction: str = "positive"
+    unit: str = "ppl"
 
 
-def _mean_ppl(entry: dict) -> float:
-    return sum(entry["ppl"][d] for d in DOMAINS) / len(DOMAINS)
+def _mean_ppl(v: dict, m: str, domains=DOMAINS) -> float:
+    return sum(v[m][f"ppl:{d}"] for d in domains) / len(domains)
 
 
-def _get(metrics: dict, name: str) -> dict | None:
-    return metrics.get("methods", {}).get(name) or metrics.get("ablations", {}).get(name)
+def _avg(v: dict, m: str, tasks: Sequence[str]) -> float:
+    return sum(v[m][t] for t in tasks) / len(tasks)
 
 
-def check_claims(metrics: dict, gates: dict | None = None) -> list[Claim]:
-    m = metrics.get("methods", {})
-    claims: list[Claim] = []
-    dense = {k: v for k, v in m.items() if v.get("family") == "dense"}
-
-    # Experts really specialise (the premise of the paper).
+def claim_specs(names: set[str], signal_tasks: Sequence[str], gate_experts: Sequence[str]) -> list[ClaimSpec]:
+    """The claims whose methods are all in ``names`` (methods and ablations of the run)."""
+    specs: list[ClaimSpec] = []
     for d in EXPERT_DOMAINS:
-        name = f"expert_{d}"
-        if name in dense and len(dense) == 4:
-            best = min(dense, key=lambda k: dense[k]["ppl"][d])
-            claims.append(Claim("premise (§2 Branch-Train)", f"`{name}` has the lowest {d} perplexity of the dense models",
-                                best == name, ", ".join(f"{k} {v['ppl'][d]:.2f}" for k, v in dense.items())))
-    if "seed" in dense and len(dense) == 4:
-        experts = [v["ppl"]["general"] for k, v in dense.items() if k != "seed"]
-        claims.append(Claim("premise", "the seed is not worse than every expert on general text",
-                            dense["seed"]["ppl"]["general"] <= max(experts),
-                            f"seed {dense['seed']['ppl']['general']:.2f}; experts " + ", ".join(f"{x:.2f}" for x in experts)))
-
-    bts = m.get("bts")
-    if bts and "seed" in m:
-        claims.append(Claim("§3 Table 3", "BTS's mean held-out perplexity over the four domains is lower than the seed's",
-                            _mean_ppl(bts) < _mean_ppl(m["seed"]), f"bts {_mean_ppl(bts):.2f} vs seed {_mean_ppl(m['seed']):.2f}"))
-        for d in EXPERT_DOMAINS:
-            e = m.get(f"expert_{d}")
-            if e:
-                ratio = bts["ppl"][d] / e["ppl"][d]
-                claims.append(Claim("§3 (experts' capability kept)", f"BTS is within 10 % of `expert_{d}` on {d}",
-                                    ratio <= 1.10, f"bts {bts['ppl'][d]:.2f} / expert {e['ppl'][d]:.2f} = {ratio:.3f}"))
-        others = {k: v for k, v in m.items() if k != "bts" and v.get("family") != "dense"}
-        if others:
-            best_ppl = min(others, key=lambda k: _mean_ppl(others[k]))
-            claims.append(Claim("§3 Table 3", "BTS has the lowest mean perplexity of all merging and upcycling methods",
-                                _mean_ppl(bts) <= _mean_ppl(others[best_ppl]),
-                                f"bts {_mean_ppl(bts):.2f}; best other {best_ppl} {_mean_ppl(others[best_ppl]):.2f}"))
-            scored = {k: v for k, v in m.items() if v.get("avg") is not None}
-            if bts.get("avg") is not None and len(scored) > 1:
-                best_avg = max(scored, key=lambda k: scored[k]["avg"])
-                claims.append(Claim("§3 Table 3 (Avg column)", "BTS has the best average downstream score of all methods",
-                                    best_avg == "bts", f"bts {bts['avg']:.2f}; best {best_avg} {scored[best_avg]['avg']:.2f}"))
-            up = {k: v for k, v in m.items() if v.get("family") == "upcycling"}
-            if up:
-                best_up = min(up, key=lambda k: _mean_ppl(up[k]))
-                claims.append(Claim("§3 Table 3", "BTS beats every expert-upcycling method (BTX, BAM) on mean perplexity",
-                                    _mean_ppl(bts) < _mean_ppl(up[best_up]),
-                                    f"bts {_mean_ppl(bts):.2f}; best upcycling {best_up} {_mean_ppl(up[best_up]):.2f}"))
-
-    a = metrics.get("ablations", {})
-    if bts:
-        for abl, text, src in [
-            ("bts_k1", "more stitch layers help: K=4 beats K=1 on mean perplexity", "Table 5 (number of stitch layers)"),
-            ("bts_all_e2h", "alternating H2E/E2H beats all-E2H on mean perplexity", "Table 6 (stitch layer types)"),
-            ("bts_hub_math", "the seed is the better hub: seed-hub BTS beats math-hub BTS on mean perplexity", "Table 7 (hub choice)"),
-        ]:
-            if abl in a:
-                claims.append(Claim(src, text, _mean_ppl(bts) < _mean_ppl(a[abl]),
-                                    f"bts {_mean_ppl(bts):.2f} vs {abl} {_mean_ppl(a[abl]):.2f}"))
-        for d in EXPERT_DOMAINS:
-            r = a.get(f"bts_remove_{d}")
-            if r:
-                deltas = {k: r["ppl"][k] / bts["ppl"][k] for k in DOMAINS}
-                claims.append(Claim("§4.2 modularity (remove)", f"removing the {d} expert hurts {d} the most (no retraining)",
-                                    max(deltas, key=deltas.get) == d,
-                                    "ppl ratio after/before: " + ", ".join(f"{k} {v:.3f}" for k, v in deltas.items())))
-        for d in EXPERT_DOMAINS:
-            add, rem = a.get(f"bts_add_{d}"), a.get(f"bts_remove_{d}")
-            if add and rem:
-                claims.append(Claim("§4.2 modularity (add)", f"adding the {d} expert (training only its slices) beats the model without it on {d}",
-                                    add["ppl"][d] < rem["ppl"][d],
-                                    f"add {add['ppl'][d]:.2f} vs without {rem['ppl'][d]:.2f} (full bts {bts['ppl'][d]:.2f})"))
-    two = a.get("bts_two_model")
-    if two and "expert_math" in m and "expert_multilingual" in m:
-        pair = ("math", "multilingual")
-        best_single = {d: min(m["expert_math"]["ppl"][d], m["expert_multilingual"]["ppl"][d]) for d in pair}
-        claims.append(Claim("§4.1 cross-capability (two models, no seed)",
-                            "stitching the math and multilingual experts matches the better of the two on both domains (within 5 %)",
-                            all(two["ppl"][d] <= 1.05 * best_single[d] for d in pair),
-                            ", ".join(f"{d}: stitched {two['ppl'][d]:.2f} vs best single {best_single[d]:.2f}" for d in pair)))
-    if gates:
-        spec = gates.get("specialization", {})
-        for expert, info in spec.items():
-            if isinstance(info, dict) and "exceeds" in info:
-                claims.append(Claim("§4.3 gate analysis", f"the {expert} expert's E2H gate is higher on its own domain's prompts than overall",
-                                    bool(info["exceeds"]), f"own-domain mean {info['own_domain_mean']:.4f} vs overall {info['overall_mean']:.4f}"))
-    return claims
+        e = f"expert_{d}"
+        specs.append(ClaimSpec(
+            f"expert_{d}_specialises", f"`{e}` beats the seed on {d} (seed ppl − expert ppl > 0)", "premise (§2)",
+            "experts gain on their domain (e.g. GSM8K 10.5 → 20.5, MBPP 27.0 → 32.0)", ("seed", e),
+            lambda v, e=e, d=d: v["seed"][f"ppl:{d}"] - v[e][f"ppl:{d}"]))
+    specs.append(ClaimSpec("bts_beats_seed", "BTS beats the seed on mean held-out perplexity (seed − BTS > 0)",
+                           "Table 3", "Avg 28.1 vs 24.0", ("seed", "bts"),
+                           lambda v: _mean_ppl(v, "seed") - _mean_ppl(v, "bts")))
+    for d in EXPERT_DOMAINS:
+        e = f"expert_{d}"
+        specs.append(ClaimSpec(
+            f"bts_within_10pct_{d}", f"BTS is within 10 % of `{e}` on {d} (1.10 × expert ppl − BTS ppl > 0)",
+            "§3 (experts' capability kept)", {"code": "MBPP 32.2 vs 32.0", "math": "GSM8K 20.2 vs 20.5",
+                                             "multilingual": "Flores S 30.9 vs 31.9"}[d],
+            ("bts", e), lambda v, e=e, d=d: 1.10 * v[e][f"ppl:{d}"] - v["bts"][f"ppl:{d}"]))
+    for other, paper in [("btm", "Avg 28.1 vs 26.9"), ("bam", "Avg 28.1 vs 27.8"), ("btx_soft", "Avg 28.1 vs 27.4"),
+                         ("bam_adapters", "Avg 28.1 vs 27.3"), ("soup", "Avg 28.1 vs 25.7"),
+                         ("btx_sample", "Avg 28.1 vs 25.7"), ("expert_routing", "Avg 28.1 vs 24.8")]:
+        specs.append(ClaimSpec(f"bts_beats_{other}", f"BTS beats `{other}` on mean held-out perplexity",
+                               "Table 3", paper, ("bts", other),
+                               lambda v, o=other: _mean_ppl(v, o) - _mean_ppl(v, "bts")))
+    if signal_tasks:
+        t = tuple(signal_tasks)
+        for other, paper in [("seed", "Avg 28.1 vs 24.0"), ("btm", "Avg 28.1 vs 26.9"), ("bam", "Avg 28.1 vs 27.8")]:
+            specs.append(ClaimSpec(f"bts_avg_beats_{other}",
+                                   f"BTS beats `{other}` on the downstream average (tasks with signal)",
+                                   "Table 3 (Avg)", paper, ("bts", other),
+                                   lambda v, o=other: _avg(v, "bts", t) - _avg(v, o, t), unit="points"))
+    specs += [
+        ClaimSpec("k4_beats_k1", "more stitch layers help: K=4 beats K=1 on mean perplexity", "Table 5",
+                  "K=4 28.1 vs K=1 27.0", ("bts", "bts_k1"), lambda v: _mean_ppl(v, "bts_k1") - _mean_ppl(v, "bts")),
+        ClaimSpec("all_e2h_vs_alternating", "all-E2H stitch layers are at least as good as alternating ones "
+                  "(alternating − all-E2H mean ppl > 0)", "Table 7", "all-E2H 28.4 vs alternating 28.1",
+                  ("bts", "bts_all_e2h"), lambda v: _mean_ppl(v, "bts") - _mean_ppl(v, "bts_all_e2h")),
+        ClaimSpec("seed_hub_beats_math_hub", "the seed is the better hub: seed-hub BTS beats math-hub BTS",
+                  "Table 8", "seed hub 28.1 vs math hub 26.2", ("bts", "bts_hub_math"),
+                  lambda v: _mean_ppl(v, "bts_hub_math") - _mean_ppl(v, "bts")),
+        ClaimSpec("cross_capability_bam_beats_two_model",
+                  "cross-capability: BAM beats the two-model stitch (math + multilingual experts, no seed) on the "
+                  "math and multilingual domains (two-model − BAM mean ppl > 0)", "Table 4 (§4.1)",
+                  "Ru-MGSM BAM 18.4 vs BTS 16.0", ("bts_two_model", "bam"),
+                  lambda v: (_mean_ppl(v, "bts_two_model", ("math", "multilingual"))
+                             - _mean_ppl(v, "bam", ("math", "multilingual")))),
+    ]
+    for d in EXPERT_DOMAINS:
+        r = f"bts_remove_{d}"
+        others = [x for x in DOMAINS if x != d]
+        specs.append(ClaimSpec(
+            f"remove_{d}_hurts_{d}_most", f"removing the {d} expert hurts {d} the most (ppl ratio after/before on "
+            f"{d} − the largest other domain's ratio > 0)", "§4.2 modularity", "qualitative", ("bts", r),
+            lambda v, r=r, d=d, others=others: (v[r][f"ppl:{d}"] / v["bts"][f"ppl:{d}"]
+                                                - np.maximum.reduce([v[r][f"ppl:{o}"] / v["bts"][f"ppl:{o}"]
+                                                                     for o in others])),
+            unit="ratio"))
+        specs.append(ClaimSpec(
+            f"add_{d}_helps_{d}", f"adding the {d} expert (training only its new slices) beats the model without it "
+            f"on {d}", "§4.2 modularity", "qualitative", (r, f"bts_add_{d}"),
+            lambda v, r=r, d=d: v[r][f"ppl:{d}"] - v[f"bts_add_{d}"][f"ppl:{d}"]))
+    for e in gate_experts:
+        specs.append(ClaimSpec(
+            f"gate_{e}_own_domain", f"the {e} expert's last-E2H gate is higher on {e} prompts than on all prompts",
+            "§4.3 gate analysis", "Figure 3 (qualitative)", (GATES,),
+            lambda v, e=e: v[GATES][f"own:{e}"] - v[GATES][f"all:{e}"], unit="gate"))
+    return [s for s in specs if all(m in names for m in s.methods)]
 
 
-def claims_markdown(claims: list[Claim]) -> str:
-    mark = {True: "holds", False: "**does not hold**", None: "n/a"}
-    lines = ["| source | claim | at this scale | evidence |", "|---|---|---|---|"]
+def gate_cells(gates: Mapping | None) -> dict:
+    """Per-prompt gate cells of one seed's ``gates.json`` (``prompt_gates``): ``own:<expert>`` over the expert's
+    domain prompts, ``all:<expert>`` over every domain prompt."""
+    if not gates or "prompt_gates" not in gates:
+        return {}
+    names = list(gates["names"])
+    cells = {}
+    all_rows = [row for d in gates["prompt_gates"] for row in gates["prompt_gates"][d]]
+    for e in gates.get("experts", []):
+        j = names.index(e)
+        if e in gates["prompt_gates"]:
+            own = [row[j] for row in gates["prompt_gates"][e]]
+            cells[f"own:{e}"] = {"num": own, "den": [1.0] * len(own), "kind": "mean"}
+            cells[f"all:{e}"] = {"num": [row[j] for row in all_rows], "den": [1.0] * len(all_rows), "kind": "mean"}
+    return cells
+
+
+def check_claims(per_seed_items: Sequence[Mapping[str, Mapping]], signal_tasks: Sequence[str] = (),
+                 per_seed_gates: Sequence[Mapping | None] = (), b: int = 1000) -> list[dict]:
+    """``[{"id", "claim", "source", "verdict", "diff", "ci", "per_seed", "paper", "unit"}]``.
+
+    ``per_seed_items``: per seed, ``{method: items}`` with the evaluation's per-item cells (``evaluate()["items"]``);
+    ``per_seed_gates``: per seed, its ``gates.json`` (or None)."""
+    per_seed = [dict(items) for items in per_seed_items]
+    for s, gates in enumerate(per_seed_gates):
+        cells = gate_cells(gates)
+        if cells and s < len(per_seed):
+            per_seed[s][GATES] = cells
+    names = set.intersection(*(set(p) for p in per_seed)) if per_seed else set()
+    gate_experts = sorted({c.split(":", 1)[1] for c in per_seed[0].get(GATES, {})}) if GATES in names else []
+    out = []
+    for spec in claim_specs(names, signal_tasks, gate_experts):
+        sub = [{m: p[m] for m in spec.methods} for p in per_seed]
+        diff, ci, vals = paired_ci(sub, spec.stat, b=b)
+        out.append({"id": spec.id, "claim": spec.claim, "source": spec.source, "verdict": verdict(ci, spec.direction),
+                    "diff": diff, "ci": ci, "per_seed": vals, "paper": spec.paper, "unit": spec.unit})
+    return out
+
+
+def claims_markdown(claims: Sequence[Mapping], n_seeds: int) -> str:
+    counts = {v: sum(c["verdict"] == v for c in claims) for v in ("holds", "does not hold", "unresolved")}
+    lines = [
+        (f"{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['unresolved']} unresolved "
+         f"(of {len(claims)}; {n_seeds} seed(s), paired bootstrap over seeds and items, 95 % CI)."), "",
+        "| source | claim | verdict | difference [95 % CI] | per seed | paper |", "|---|---|---|---|---|---|"]
     for c in claims:
-        lines.append(f"| {c.source} | {c.text} | {mark[c.holds]} | {c.evidence} |")
-    held = sum(1 for c in claims if c.holds)
-    return f"{held} of {len(claims)} checked claims hold.\n\n" + "\n".join(lines) + "\n"
+        v = c["verdict"] if c["verdict"] != "does not hold" else "**does not hold**"
+        per = ", ".join(f"{x:+.3g}" for x in c["per_seed"])
+        lines.append(f"| {c['source']} | {c['claim']} | {v} | {c['diff']:+.3g} [{c['ci'][0]:+.3g}, "
+                     f"{c['ci'][1]:+.3g}] {c['unit']} | {per} | {c['paper']} |")
+    return "\n".join(lines) + "\n"

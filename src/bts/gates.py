@@ -300,6 +300,9 @@ def summarize(domain_traces: Mapping[str, Sequence[dict]], switch_traces: Sequen
         "specialization_per_layer": spec_layers,
         "claim_holds": all(v["exceeds"] for v in spec.values()) if spec else None,
         "switch": switch,
+        # per prompt, last E2H layer: {domain: [[gate of each model] per prompt]} (bootstrap CIs of the gate claims)
+        "prompt_gates": {d: pm[:, -1, :].tolist() for d, pm in zip(
+            [d for d, ts in domain_traces.items() if ts], all_prompt_means)},
     }
     summary["markdown"] = markdown_table(summary)
     return summary

@@ -225,6 +225,9 @@ class LMTrainingModule(L.LightningModule):
                     "train_seconds": round(self._train_time, 3),
                     "tokens_per_s": round(self._tokens_seen / self._train_time, 1) if self._train_time else None,
                     "params": self.param_counts().to_dict(),
+                    "lr": self.lr,
+                    "min_lr_ratio": self.min_lr_ratio,
+                    "frozen": sorted(n for n, p in self.named_parameters() if not p.requires_grad)[:64],
                     "final_metrics": metrics,
                 },
             )
@@ -244,6 +247,7 @@ class CausalLMModule(LMTrainingModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        freeze: list[str] | None = None,
     ):
         """
         Args:
@@ -256,8 +260,16 @@ class CausalLMModule(LMTrainingModule):
             weight_decay: AdamW weight decay on matrices.
             betas: AdamW betas.
             output_dir: where the final Hugging Face directory (model + tokenizer, safetensors) is written.
+            freeze: parts that keep the loaded weights, among ``FREEZABLE`` ("embeddings", "final_norm", "head"):
+                an expert whose final norm and head stay the seed's stays readable by the hub's head (DESIGN.md §7;
+                an approximation of the paper's very low expert lr). With tied embeddings, "embeddings" and "head"
+                are the same tensor.
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        freeze = list(freeze or [])
+        bad = [f for f in freeze if f not in FREEZABLE]
+        if bad:
+            raise BTSError(f"model.init_args.freeze: unknown part {bad[0]!r} (known: {', '.join(FREEZABLE)})")
         arch = LlamaArch(**arch) if isinstance(arch, dict) else (arch or LlamaArch())
         # hparams hold the architecture as a plain dict so Lightning checkpoints load with weights_only=True.
         self.save_hyperparameters(ignore=["arch"])
@@ -267,6 +279,9 @@ class CausalLMModule(LMTrainingModule):
         else:
             self.model = build_llama(arch, seed=seed)
         self.model.config.use_cache = False
+        for part in freeze:
+            for p in _freezable_part(self.model, part).parameters():
+                p.requires_grad_(False)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -280,6 +295,19 @@ class CausalLMModule(LMTrainingModule):
         self.model.save_pretrained(out_dir, safe_serialization=True)
         if self.hparams.init_from is not None:
             (out_dir / "branched_from.json").write_text(json.dumps({"init_from": str(self.hparams.init_from)}))
+
+
+FREEZABLE = ("embeddings", "final_norm", "head")
+
+
+def _freezable_part(model, part: str) -> nn.Module:
+    if part == "embeddings":
+        return model.get_input_embeddings()
+    if part == "head":
+        return model.get_output_embeddings()
+    from bts.modeling import decoder_parts
+
+    return decoder_parts(model).norm
 
 
 def hash_seed(*parts: int) -> int:

@@ -1,16 +1,19 @@
 """``StitchedLM``: a hub and ``n`` frozen experts joined by trainable stitch layers (BTS, paper §2).
 
 Every model runs its own embedding, rotary embedding, attention masks and KV cache (they may differ per config,
-e.g. Qwen2 sliding-window layers); after layer ``(j + 1)·floor(L / K)`` stitch layer ``j`` mixes the hidden states
-of all models, and the output is the **hub's** final norm + LM head. Only stitch parameters train: every frozen
-model has ``requires_grad = False`` and stays in eval mode even when the ``StitchedLM`` is in train mode, so the
-only dropout that is ever active is the stitch gate dropout.
+e.g. Qwen2 sliding-window layers); after the layers given by ``stitch_placement`` stitch layer ``j`` mixes the
+hidden states of all models, and the output is the **hub's** final norm + LM head. Only stitch parameters train:
+every frozen model has ``requires_grad = False`` and stays in eval mode even when the ``StitchedLM`` is in train
+mode, so the only dropout that is ever active is the stitch gate dropout.
 
-Placement (``stitch_placement``): ``K`` stitch layers, stitch ``j`` (0-based) after layer ``(j + 1)·floor(L / K)``
-(1-based layer count); the types alternate and the **last one is always E2H** (K=4: H2E, E2H, H2E, E2H; K=1: one
-E2H after layer L); ``all_e2h`` makes every stitch E2H. When ``L`` is not a multiple of ``K`` the last stitch sits
-before the end (e.g. L=10, K=4 → after 2, 4, 6, 8); the hub then runs its remaining layers alone (the experts'
-later layers cannot influence the output and are skipped).
+Placement (``stitch_placement``): ``K`` stitch layers over ``L`` transformer layers (``1 <= K <= L``); stitch ``j``
+(0-based) sits after layer ``round_half_up((j + 1)·L / K)`` (1-based layer count), i.e. ``floor((2(j+1)L + K) /
+(2K))`` in integers. The positions are strictly increasing (consecutive targets are ``L/K >= 1`` apart) and the
+**last one is always after the final layer L** (``j = K - 1`` gives exactly ``L``), whether or not ``K`` divides
+``L``: L=8, K=4 → after 2, 4, 6, 8; L=20, K=4 → 5, 10, 15, 20 (the paper's); L=10, K=4 → 3, 5, 8, 10; L=28, K=10 →
+3, 6, 8, 11, 14, 17, 20, 22, 25, 28. The types alternate and the **last one is always E2H** (K=4: H2E, E2H, H2E,
+E2H; K=1: one E2H after layer L); ``all_e2h`` makes every stitch E2H. Since the last stitch follows layer L, every
+model runs all L layers and the hub's final norm reads the last E2H mixture.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class StitchConfig:
     """How the stitch layers are built (paper §2; ablations of §4)."""
 
     num_stitch_layers: int = 4
-    """K: number of stitch layers, one after every ``floor(L / K)`` transformer layers (paper: K=4 with L=20)."""
+    """K: number of stitch layers, spread evenly with the last after the final layer L (``stitch_placement``; paper:
+    K=4 with L=20 → after layers 5, 10, 15, 20)."""
     all_e2h: bool = False
     """Ablation: make every stitch layer Experts-into-Hub instead of alternating H2E / E2H."""
     gate_dropout: float = 0.1
@@ -76,17 +80,24 @@ RUNTIME_FIELDS = ("activation_checkpointing", "compile")
 
 
 def stitch_placement(num_layers: int, config: StitchConfig) -> list[tuple[int, str]]:
-    """``[(after_layer, kind), ...]`` for ``L = num_layers``: after ``(j+1)·floor(L/K)``, last always ``"e2h"``."""
+    """``[(after_layer, kind), ...]`` for ``L = num_layers`` transformer layers and ``K = num_stitch_layers``.
+
+    Rule: stitch ``j = 0..K-1`` sits after layer ``round_half_up((j + 1)·L / K)`` (1-based), computed exactly in
+    integers as ``(2(j+1)L + K) // (2K)``. For ``1 <= K <= L`` the positions are strictly increasing, the first is
+    ``>= 1`` and the last is exactly ``L`` (the final transformer layer); when ``K`` divides ``L`` this is ``(j+1)·L/K``
+    (L=20, K=4 → 5, 10, 15, 20). Kinds alternate from the end: the last is always ``"e2h"``, the one before ``"h2e"``,
+    and so on; with ``all_e2h`` every kind is ``"e2h"``. ``K <= 0`` or ``K > L`` is refused (``BTSError``).
+    """
     k = int(config.num_stitch_layers)
     if k <= 0:
         raise BTSError(f"stitch.num_stitch_layers must be >= 1, got {k}")
     if k > num_layers:
         raise BTSError(f"stitch.num_stitch_layers={k} exceeds the models' {num_layers} layers")
-    step = num_layers // k
     out = []
     for j in range(k):
+        after = (2 * (j + 1) * num_layers + k) // (2 * k)  # round half up of (j+1)·L/K, exact in integers
         kind = "e2h" if config.all_e2h or (k - 1 - j) % 2 == 0 else "h2e"
-        out.append(((j + 1) * step, kind))
+        out.append((after, kind))
     return out
 
 

@@ -28,8 +28,9 @@ def _task_columns(entries: dict) -> list[str]:
     return cols
 
 
-def results_table(entries: dict, title: str) -> str:
-    """Per-domain held-out perplexity (lower is better) and downstream tasks (higher is better); best bold."""
+def results_table(entries: dict, title: str, no_signal=(), chance: dict | None = None) -> str:
+    """Per-domain held-out perplexity (lower is better) and downstream tasks (higher is better); best bold; each
+    cell with its bootstrap 95 % CI ``[lo, hi]`` when known. Tasks in ``no_signal`` are marked and not in avg."""
     tasks = _task_columns(entries)
     head = ["method", "family"] + [f"ppl {d}" for d in DOMAINS] + ["ppl mean"] + tasks + (["avg"] if tasks else [])
     rows = []
@@ -39,25 +40,36 @@ def results_table(entries: dict, title: str) -> str:
         mean = sum(vals) / len(vals) if all(v is not None for v in vals) else None
         row = {"method": name, "family": e.get("family", "")}
         for d, v in zip(DOMAINS, vals):
-            row[f"ppl {d}"] = (v, ppl.get(f"{d}_std"))
-        row["ppl mean"] = (mean, None)
+            row[f"ppl {d}"] = (v, ppl.get(f"{d}_std"), e.get("ppl_ci", {}).get(d))
+        row["ppl mean"] = (mean, None, None)
         for t in tasks:
-            row[t] = (e.get("tasks", {}).get(t), e.get("tasks", {}).get(f"{t}_std"))
+            row[t] = (e.get("tasks", {}).get(t), e.get("tasks", {}).get(f"{t}_std"), e.get("tasks_ci", {}).get(t))
         if tasks:
-            row["avg"] = (e.get("avg"), e.get("avg_std"))
+            row["avg"] = (e.get("avg"), e.get("avg_std"), None)
         rows.append(row)
     best = {}
     for col in head[2:]:
+        if col in no_signal:
+            continue
         vals = [r[col][0] for r in rows if r[col][0] is not None]
         if vals:
             best[col] = min(vals) if col.startswith("ppl") else max(vals)
-    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = [f"{c} (no signal)" if c in no_signal else c for c in head]
+    lines = [f"## {title}", ""]
+    if no_signal or chance:
+        lines += ["Cells: value [95 % bootstrap CI]" + (" (mean ± std over seeds; CI over seeds and items)"
+                                                       if any(r["avg"][1] is not None for r in rows if "avg" in r)
+                                                       else "") + ". Chance: " +
+                  ", ".join(f"{t} {v:g}" for t, v in (chance or {}).items()) + ". `avg` is the mean of the tasks with "
+                  "signal; a task marked *no signal* (the seed's CI lower bound is not above chance, or every method "
+                  "scores 0) is left out of it.", ""]
+    lines += ["| " + " | ".join(labels) + " |", "|" + "---|" * len(head)]
     order = sorted(rows, key=lambda r: FAMILY_ORDER.index(r["family"]) if r["family"] in FAMILY_ORDER else 99)
     for r in order:
         cells = [r["method"], FAMILY_TITLES.get(r["family"], r["family"])]
         for col in head[2:]:
-            v, sd = r[col]
-            cell = _fmt(v, sd)
+            v, sd, ci = r[col]
+            cell = _fmt(v, sd) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and v is not None else "")
             if v is not None and best.get(col) == v:
                 cell = f"**{cell}**"
             cells.append(cell)
@@ -74,8 +86,9 @@ def params_table(entries: dict) -> str:
 
 
 def results_readme(metrics: dict, gates: dict | None) -> str:
-    """``results/<profile>/README.md``: what ran, how long, and which paper claims hold at this scale."""
-    from bts.claims import check_claims, claims_markdown
+    """``results/<profile>/README.md``: the regime, which paper claims hold (with CIs), what ran, how long."""
+    from bts.claims import claims_markdown
+    from bts.summary import regime_markdown
 
     cfg = metrics["config"]
     stage_seconds = metrics.get("stage_seconds", {})
@@ -84,7 +97,7 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
         "",
         "Produced by `bts reproduce` (`make reproduce`); every number here is recomputed from `metrics.json`, never",
         (
-            "edited by hand. Tiny Llama-architecture models trained from scratch on the embedded corpus (CPU): "
+            "edited by hand. Tiny Llama-architecture models on the embedded corpus (CPU): "
             f"d={cfg.get('d_model')}, L={cfg.get('n_layers')}, vocab={cfg.get('vocab_size')}, "
             f"n={cfg.get('n_experts')} experts, K={cfg.get('stitch_layers')} stitch layers "
             f"(init: {cfg.get('stitch_init')}). Seeds: {metrics['seeds']}. Wall time: {metrics['wall_seconds']:.0f} s "
@@ -94,12 +107,28 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
         "Files: `table.md` (Table 3 analogue), `params.md` (Table 2), `ablations.md` (Tables 5-8), `gates.json` and",
         "`figures/` (gate plots, loss curves), `metrics.json` (machine-readable; schema in the top-level README).",
         "",
-        "## Paper claims at this scale",
-        "",
-        claims_markdown(check_claims(metrics, gates)),
     ]
+    if metrics.get("regime"):
+        lines += ["## The regime, measured beside the paper's (DESIGN: docs/design.md §7)", "",
+                  regime_markdown(metrics["regime"]), ""]
+    if metrics.get("claims") is not None:
+        lines += ["## Paper claims in this regime", "", claims_markdown(metrics["claims"], len(metrics["seeds"])), ""]
+    if metrics.get("no_signal_tasks") is not None:
+        chance = metrics.get("chance", {})
+        lines += ["## Tasks without signal", "",
+                  "A task carries no signal when the seed's 95 % CI lower bound is not above chance, or when every "
+                  "method scores 0; it is shown in the tables but left out of `avg`. Here: "
+                  + (", ".join(f"`{t}` (chance {chance.get(t, 0):g})" for t in metrics["no_signal_tasks"]) or "none")
+                  + ".", ""]
     if gates and gates.get("markdown"):
         lines += ["## Gate analysis (last E2H layer, mean gate per model per domain)", "", gates["markdown"], ""]
+    if metrics.get("env"):
+        try:
+            from bts.env import env_markdown
+
+            lines += ["## Environment", "", env_markdown(metrics["env"], heading=False), ""]
+        except ImportError:
+            pass
     if stage_seconds:
         lines += ["## Stage wall times (seconds; training and evaluation)", "", "| stage | seconds |", "|---|---|"]
         for seed, times in stage_seconds.items():
@@ -120,7 +149,8 @@ def write_results(results_dir: Path, metrics: dict, gates: dict | None = None) -
     results_dir = Path(results_dir)
     atomic_write_json(results_dir / "metrics.json", metrics)
     header = _header(metrics)
-    atomic_write_text(results_dir / "table.md", header + results_table(metrics["methods"], "Methods (Table 3 analogue)"))
+    atomic_write_text(results_dir / "table.md", header + results_table(
+        metrics["methods"], "Methods (Table 3 analogue)", metrics.get("no_signal_tasks", ()), metrics.get("chance")))
     atomic_write_text(results_dir / "params.md", header + params_table({**metrics["methods"], **metrics["ablations"]}))
     write_ablations(results_dir, metrics)
     atomic_write_text(results_dir / "README.md", results_readme(metrics, gates))
@@ -134,6 +164,7 @@ def write_ablations(results_dir: Path, metrics: dict) -> None:
     results_dir = Path(results_dir)
     header = _header(metrics)
     sweeps = sorted((results_dir / "sweeps").glob("*.md")) if (results_dir / "sweeps").is_dir() else []
-    text = header + results_table(metrics["ablations"], "Ablations")
+    text = header + results_table(metrics["ablations"], "Ablations", metrics.get("no_signal_tasks", ()),
+                                  metrics.get("chance"))
     text += "".join("\n" + f.read_text() for f in sweeps)  # tables written by `bts sweep`
     atomic_write_text(results_dir / "ablations.md", text)

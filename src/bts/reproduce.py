@@ -42,8 +42,9 @@ DEFAULT_RUN_ROOT = "runs/tiny"
 @dataclass
 class StageSpec:
     name: str
-    kind: str  # "fit" | "merge" | "command"
+    kind: str  # "fit" | "command" | "pretrained" (a committed checkpoint, verified and copied: ``path``)
     config: str | None = None
+    path: str | None = None  # kind "pretrained": the checkpoint directory (with its SHA256SUMS)
     family: str = "dense"
     after: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
@@ -63,7 +64,12 @@ class Profile:
     jobs: int = 1  # stages run at a time (Pipeline.run); `bts reproduce --jobs` overrides
     fit_overrides: list[str] = field(default_factory=list)
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
+    command_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra args per subcommand (e.g. ceiling)
     eval: dict = field(default_factory=dict)
+    eval_tasks: list[str] | None = None  # task groups / metrics evaluated (None: the suite's defaults)
+    ablation_eval_tasks: list[str] | None = None  # the same for ablation rows (None: as eval_tasks)
+    tokenizer_from: str | None = None  # a committed checkpoint whose tokenizer is used (verified) instead of training one
+    export: dict | None = None  # {"stage": name, "to": dir}: publish that stage's model + tokenizer as a checkpoint
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -134,13 +140,27 @@ class Pipeline:
     def run_tokenizer(self) -> None:
         from bts.data.tokenizer import train_tokenizer
 
-        h = config_hash({"vocab": self.p.tokenizer_vocab_size})
+        if self.p.tokenizer_from:  # the tokenizer of a committed checkpoint, verified against its SHA256SUMS
+            from bts import pinned
+
+            h = config_hash({"pinned": pinned.verify(self.p.tokenizer_from)})
+        else:
+            h = config_hash({"vocab": self.p.tokenizer_vocab_size})
         self.hashes["tokenizer"] = h
         out = self.tokenizer_dir()
         if self._done("tokenizer", h, out):
             self.log("tokenizer: reused")
             return
         t = time.perf_counter()
+        if self.p.tokenizer_from:
+            from bts import pinned
+
+            self.log(f"tokenizer: from the pinned checkpoint {self.p.tokenizer_from} (sha256 verified)")
+            pinned.install(self.p.tokenizer_from, out / ".model_unused", out)
+            shutil.rmtree(out / ".model_unused", ignore_errors=True)
+            self.timings["tokenizer"] = time.perf_counter() - t
+            self._mark("tokenizer", h, "done")
+            return
         self.log(f"tokenizer: training BPE (vocab {self.p.tokenizer_vocab_size})")
         train_tokenizer(out, vocab_size=self.p.tokenizer_vocab_size)
         self.timings["tokenizer"] = time.perf_counter() - t
@@ -238,6 +258,7 @@ class Pipeline:
         ``--config <resolved copy>`` appended when the stage names a config. The output is ``--out`` or the
         config's ``out`` key."""
         args = [a.replace("{runs}", self.runs.as_posix()) for a in stage.args]
+        args += [str(a) for a in self.p.command_overrides.get(args[0], [])] if args else []
         cfg_text = ""
         output = Path(args[args.index("--out") + 1]) if "--out" in args else None
         if stage.config:
@@ -263,6 +284,37 @@ class Pipeline:
         self.timings[stage.name] = time.perf_counter() - t
         self._mark(stage.name, prep.hash, "done", seconds=round(self.timings[stage.name], 1))
         return prep.output
+
+    def run_pretrained(self, stage: StageSpec, prep: Prepared) -> Path:
+        """A committed checkpoint (``stage.path``), verified against its SHA256SUMS and copied to ``<runs>/<name>``."""
+        from bts import pinned
+
+        if self._done(stage.name, prep.hash, prep.output):
+            self.log(f"{stage.name}: reused ({prep.output})")
+            return prep.output
+        self.log(f"{stage.name}: from the pinned checkpoint {stage.path} (sha256 verified)")
+        pinned.install(stage.path, prep.output)
+        self._mark(stage.name, prep.hash, "done", pinned=stage.path)
+        return prep.output
+
+    def export(self) -> None:
+        """Publish ``export.stage``'s model and the tokenizer as a pinned checkpoint (``export.to``)."""
+        from bts import pinned
+
+        spec = self.p.export or {}
+        if set(spec) != {"stage", "to"}:
+            raise BTSError(f"profile {self.p.profile}: export needs exactly the keys 'stage' and 'to'")
+        command = f"bts reproduce --profile {self.p.profile}"
+        stage = next(s for s in self.p.stages if s.name == spec["stage"])
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # pinned beside the weights; tests/test_pinned.py recomputes it
+            first = pinned.first_steps_fingerprint(stage.config, self.tokenizer_dir(), Path(tmp))
+        digest = pinned.publish(self.runs / spec["stage"], self.tokenizer_dir(), Path(spec["to"]), command,
+                                note=f"Made by `{command}` from `{self.runs / spec['stage']}` (git commit "
+                                     f"{_git_commit()}).", config=self.runs / "configs" / f"{spec['stage']}.yaml",
+                                first_steps=first)
+        self.log(f"published {spec['to']} (SHA256SUMS digest {digest})")
 
     def write_val_tokens(self) -> None:
         """Token blocks of the BTS validation mixture (``<runs>/val_tokens.npy``), used to choose merge λ."""
@@ -297,7 +349,8 @@ class Pipeline:
             raise BTSError(f"profile {self.p.profile}: unknown eval key '{unknown[0]}'")
         cfg = EvalConfig(**self.p.eval)
         # the suite's task list and full config are part of the key: a new metric re-evaluates every method
-        key = {"stage": self.hashes[stage.name], "eval": asdict(cfg), "tasks": sorted(TASKS)}
+        key = {"stage": self.hashes[stage.name], "eval": asdict(cfg), "tasks": sorted(TASKS),
+               "eval_tasks": self._eval_tasks(stage)}
         if self.allow_changed_models:
             key["allow_changed_models"] = True
         h = config_hash(key)
@@ -314,13 +367,20 @@ class Pipeline:
         if self.p.eval_threads:
             torch.set_num_threads(self.p.eval_threads)
         try:
-            result = evaluate(model, tokenizer, cfg=cfg, progress=self.progress)
+            tasks = self._eval_tasks(stage)
+            kw = {"tasks": tasks} if tasks is not None else {}
+            result = evaluate(model, tokenizer, cfg=cfg, progress=self.progress, **kw)
         finally:
             torch.set_num_threads(threads)
         result = {"family": stage.family, "params": params, **result, **changed_models_entry(model)}
         atomic_write_json(cache, {"hash": h, "result": result})
         self.timings[f"eval_{stage.name}"] = time.perf_counter() - t
         return result
+
+    def _eval_tasks(self, stage: StageSpec) -> list[str] | None:
+        if stage.report == "ablation" and self.p.ablation_eval_tasks is not None:
+            return list(self.p.ablation_eval_tasks)
+        return None if self.p.eval_tasks is None else list(self.p.eval_tasks)
 
     def prepare(self, stage: StageSpec) -> Prepared:
         """Resolve a stage's config and compute its hash (cheap; no training)."""
@@ -331,14 +391,23 @@ class Pipeline:
             prep = self.prepare_fit(stage)
         elif stage.kind == "command":
             prep = self.prepare_command(stage)
+        elif stage.kind == "pretrained":
+            from bts import pinned
+
+            if not stage.path:
+                raise BTSError(f"stage {stage.name}: kind 'pretrained' needs a 'path'")
+            prep = Prepared(config_hash({"pinned": pinned.verify(stage.path)}), self.runs / stage.name, [])
         else:
-            raise BTSError(f"stage {stage.name}: unknown kind '{stage.kind}' (fit, command)")
+            raise BTSError(f"stage {stage.name}: unknown kind '{stage.kind}' (fit, command, pretrained)")
         self.hashes[stage.name] = prep.hash
         return prep
 
     def run_stage(self, stage: StageSpec, prep: Prepared) -> dict | None:
         """Train/build one stage (or reuse it) and evaluate it; returns its metrics entry (None: not reported)."""
-        output = self.run_fit(stage, prep) if stage.kind == "fit" else self.run_command(stage, prep)
+        if stage.kind == "pretrained":
+            output = self.run_pretrained(stage, prep)
+        else:
+            output = self.run_fit(stage, prep) if stage.kind == "fit" else self.run_command(stage, prep)
         if (stage.report or "method") == "none":
             return None
         self.log(f"{stage.name}: evaluating")
@@ -363,6 +432,8 @@ class Pipeline:
                 results[stage.name] = self.run_stage(stage, preps[stage.name])
         else:
             results = self._run_parallel(preps, jobs)
+        if self.p.export and self.seed == 0:
+            self.export()
         methods, ablations = {}, {}
         for stage in self.p.stages:
             if results.get(stage.name) is not None:
@@ -622,35 +693,105 @@ def check_results_dir(results_dir: Path, profile: str) -> None:
 
 
 def _reproduce(profile: Profile, results_dir: Path, args) -> int:
+    from bts import summary
+
     t0 = time.perf_counter()
-    per_seed, timings = [], {}
+    per_seed, per_seed_items, per_seed_gates, runs_dirs, timings = [], [], [], [], {}
     jobs = getattr(args, "jobs", None) or profile.jobs
     for s in range(args.seeds):
-        out = Pipeline(profile, s, args.force, progress=not args.no_progress,
-                       allow_changed_models=getattr(args, "allow_changed_models", False)).run(jobs)
-        per_seed.append({"methods": out["methods"], "ablations": out["ablations"]})
+        pipe = Pipeline(profile, s, args.force, progress=not args.no_progress,
+                        allow_changed_models=getattr(args, "allow_changed_models", False))
+        out = pipe.run(jobs)
+        runs_dirs.append(pipe.runs)
+        entries, items = {}, {}
+        for kind in ("methods", "ablations"):
+            entries[kind] = {}
+            for name, entry in out[kind].items():
+                entries[kind][name], items[name] = summary.split_items(entry)
+        per_seed.append(entries)
+        per_seed_items.append(items)
         timings[f"seed{s}"] = {k: round(v, 1) for k, v in out["timings"].items()}
+        # the gate analysis of every seed's BTS feeds the gate claims; seed 0's also writes the figures
+        per_seed_gates.append(write_figures(profile, results_dir, profile.eval_threads) if s == 0
+                              else gate_summary(pipe.runs, profile.eval_threads))
+    chance = {}
+    for entries in per_seed:
+        for e in entries["methods"].values():
+            chance.update(e.pop("chance", {}) or {})
+        for e in entries["ablations"].values():
+            e.pop("chance", None)
     merged = aggregate_seeds(per_seed)
+    for kind in ("methods", "ablations"):
+        summary.add_cell_cis(merged[kind], per_seed_items)
+    no_signal = summary.no_signal(merged["methods"], chance)
+    tasks = sorted({t for e in merged["methods"].values() for t in e.get("tasks", {}) if not t.endswith("_std")})
+    signal = [t for t in tasks if t not in no_signal]
+    for entries in per_seed:  # avg over the tasks with signal, per seed, then mean ± std like every other float
+        for kind in ("methods", "ablations"):
+            for e in entries[kind].values():
+                summary.set_avg(e, signal)
+    avg = aggregate_seeds(per_seed)
+    for kind in ("methods", "ablations"):
+        for name, e in merged[kind].items():
+            e["avg"] = avg[kind][name].get("avg")
+            if "avg_std" in avg[kind][name]:
+                e["avg_std"] = avg[kind][name]["avg_std"]
+    from bts.claims import check_claims
     from bts.report import write_results
 
-    summary = model_config_summary(Path(profile.runs_dir))
+    config = {**model_config_summary(Path(profile.runs_dir)), "domains": ["general", "code", "math", "multilingual"]}
     metrics = {
         "profile": profile.profile,
         "seeds": list(range(args.seeds)),
         "git_commit": _git_commit(),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "jobs": jobs,
-        "config": {**summary, "domains": ["general", "code", "math", "multilingual"]},
+        "config": config,
+        "regime": summary.regime(runs_dirs, merged["methods"]),
+        "chance": {t: chance[t] for t in tasks if t in chance},
+        "no_signal_tasks": no_signal,
         "methods": merged["methods"],
         "ablations": merged["ablations"],
+        "claims": check_claims(per_seed_items, signal, per_seed_gates),
+        "env": _env(runs_dirs[0], merged),
         "stage_seconds": timings,
     }
     if getattr(args, "allow_changed_models", False):
         metrics["allow_changed_models"] = True
-    gates = write_figures(profile, results_dir, profile.eval_threads)
-    write_results(results_dir, metrics, gates)
+    write_results(results_dir, metrics, per_seed_gates[0])
     print(f"wrote {results_dir}/metrics.json and tables in {metrics['wall_seconds']:.0f} s")
     return 0
+
+
+def gate_summary(runs: Path, threads: int | None) -> dict | None:
+    """The gate analysis of ``runs/bts`` (no figures kept), for the gate claims of seeds after the first."""
+    import tempfile
+
+    import torch
+
+    from bts.gates import analyze
+
+    if not (Path(runs) / "bts" / "bts.json").is_file():
+        return None
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return analyze(Path(runs) / "bts", Path(runs) / "tokenizer", tmp)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _env(runs: Path, merged: dict) -> dict | None:
+    """The ``env`` block: package versions, machine, matmul peak, hashes of data, tokenizer and models."""
+    try:
+        from bts.env import collect_env
+    except ImportError:
+        return None
+    names = [*merged["methods"], *merged["ablations"]]
+    models = {n: runs / n for n in names if (runs / n).is_dir()}
+    return collect_env(models=models, tokenizer_dir=runs / "tokenizer")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import yaml
 from bts.io import BTSError, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock
 from bts.reproduce import DEFAULT_RUN_ROOT, Pipeline, StageSpec, load_profile
 
-SWEEP_KEYS = {"name", "base", "after", "grid", "family"}
+SWEEP_KEYS = {"name", "base", "after", "grid", "family", "stages", "eval_tasks"}
 
 
 def _set(cfg: dict, dotted: str, value) -> None:
@@ -34,9 +34,15 @@ def _set(cfg: dict, dotted: str, value) -> None:
     node[last] = value
 
 
+def _slug(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_slug(v) for v in value) or "none"
+    return str(value).lower()
+
+
 def point_name(assignment: dict) -> str:
     """``{"model.init_args.stitch.num_stitch_layers": 4}`` -> ``num_stitch_layers-4`` (a file-safe run name)."""
-    return "__".join(f"{key.rsplit('.', 1)[-1]}-{str(value).lower()}" for key, value in assignment.items())
+    return "__".join(f"{key.rsplit('.', 1)[-1]}-{_slug(value)}" for key, value in assignment.items())
 
 
 def point_config(base: dict, sweep: str, name: str, assignment: dict) -> dict:
@@ -66,7 +72,7 @@ def load_sweep(path: str | Path) -> dict:
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise BTSError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(SWEEP_KEYS))})")
-    for key in ("name", "base", "grid"):
+    for key in ("name", "grid") + (() if "stages" in raw else ("base",)):
         if key not in raw:
             raise BTSError(f"{path}: missing key '{key}'")
     if not isinstance(raw["grid"], dict) or not all(isinstance(v, list) and v for v in raw["grid"].values()):
@@ -86,9 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="tiny", help="reproduction profile whose stages the points build on")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ap.add_argument("--jobs", type=int, default=None, help="points run at a time (default: the profile's `jobs`)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="profile sweeps: rewrite the table from results/<profile>/sweeps/<name>.json, run nothing")
     args = ap.parse_args(argv)
     sweep = load_sweep(args.config)
     profile = load_profile(args.profile)
+    if "stages" in sweep:
+        from bts.regime_sweep import run_profile_sweep
+
+        if args.table_only:
+            from bts.regime_sweep import rewrite_table
+
+            return rewrite_table(sweep, profile)
+        return run_profile_sweep(sweep, profile, args.jobs or profile.jobs, progress=not args.no_progress)
     base = yaml.safe_load(Path(sweep["base"]).read_text())
     keys = list(sweep["grid"])
     runs = ensure_writable_dir(profile.runs_dir)

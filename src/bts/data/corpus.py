@@ -303,15 +303,24 @@ def ensure_built(cache_dir: str | os.PathLike | None = None, domains=DOMAINS, co
         return out
 
     if not force and not any(_stale_reason(data_dir / d, keys[d])[0] for d in domains):
-        return data_dir
+        return _checked(data_dir, domains)
     with _locked(ensure_writable_dir(data_dir)):
         todo = stale()  # re-check under the lock: another process may have built it meanwhile
         if not todo:
-            return data_dir
+            return _checked(data_dir, domains)
         # code before general: the general build reuses the docstrings the code build collected
         order = ("code", "general", "multilingual", "math")
         _build(cache, data_dir, [d for d in order if d in todo], config, keys, progress)
         _write_index(data_dir)
+    return _checked(data_dir, domains)
+
+
+def _checked(data_dir: Path, domains) -> Path:
+    """Warn (one line, once per process) when a default-parameter domain differs from the committed reference
+    digests (:mod:`bts.data.digests`): results built on it will not match the committed ones."""
+    from .digests import check_reference
+
+    check_reference(data_dir, domains)
     return data_dir
 
 

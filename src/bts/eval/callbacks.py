@@ -17,14 +17,14 @@ from pathlib import Path
 
 import lightning as L
 
-from bts.eval.suite import EvalConfig, evaluate
+from bts.eval.suite import DEFAULT_TASKS, EvalConfig, evaluate
 from bts.io import BTSError, atomic_write_json
 
 
 class DownstreamEvalCallback(L.Callback):
     def __init__(
         self,
-        tasks: Sequence[str] = ("math", "translation", "code", "general"),
+        tasks: Sequence[str] = DEFAULT_TASKS,
         cfg: EvalConfig | None = None,
         tokenizer=None,
         json_path: str | None = None,
@@ -37,7 +37,9 @@ class DownstreamEvalCallback(L.Callback):
         """
         Args:
             tasks: downstream task groups or metric names of ``bts.eval.suite.TASKS`` ("ppl" is ignored: the
-                training module logs ``val/<domain>/ppl``).
+                training module logs ``val/<domain>/ppl``); default: the suite's ``DEFAULT_TASKS``, i.e. the
+                likelihood and teacher-forced metrics (pass group names such as "math" to add the generation
+                metrics of ``GENERATIVE_TASKS``).
             cfg: item counts and settings of the suite.
             tokenizer: a tokenizer object or a directory; default: ``trainer.datamodule.tokenizer``.
             json_path: where to write the ``evaluate`` result (optional).

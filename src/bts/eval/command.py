@@ -6,7 +6,8 @@
              [--limit N] [--out results.json]
 
 The first form runs ``bts.eval.suite.evaluate`` on a dense or merged model (``bts.modeling.load_causal_lm``)
-and writes one ``metrics.json`` method entry; BTS stitch directories and the other non-HF baselines are
+and writes one ``metrics.json`` method entry (default ``--tasks``: ``bts.eval.suite.DEFAULT_TASKS``, perplexity and
+the likelihood / teacher-forced metrics; the generation metrics run when named, e.g. ``--tasks math``); BTS stitch directories and the other non-HF baselines are
 evaluated from Python (``evaluate(model, tokenizer)``) by the reproduction. The second form delegates to
 ``lm_eval.simple_evaluate`` with the ``bts`` adapter (``bts.eval.harness``). Without ``--out`` the JSON goes to
 stdout. Bad input prints one line ``error: ...`` on stderr and exits 2; output files are written atomically,
@@ -30,14 +31,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bts.eval.suite import DEFAULT_TASKS, TASK_GROUPS, TASKS
+    from bts.eval.suite import DEFAULT_TASKS, GENERATIVE_TASKS, TASK_GROUPS
 
     p = _Parser(
         prog="bts eval",
         description="Evaluate a Hugging Face model directory with the BTS suite (held-out perplexity + downstream "
         "tasks) or, with --harness, with lm-evaluation-harness.",
         epilog="suite tasks: ppl, " + ", ".join(f"{g} ({', '.join(m)})" for g, m in TASK_GROUPS.items())
-        + ". Metric definitions: bts.eval.suite.TASKS. " + f"{len(TASKS)} downstream metrics in 'avg'.",
+        + ". Metric definitions: bts.eval.suite.TASKS. 'avg' is the mean of the downstream metrics that ran. "
+        + f"The generation metrics ({', '.join(GENERATIVE_TASKS)}) are not in the default list (no signal at the "
+        "tiny scale); a group name (e.g. --tasks ppl,math,translation,code) or a metric name runs them.",
     )
     p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")

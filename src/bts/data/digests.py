@@ -1,0 +1,323 @@
+"""Reference digests of the embedded corpus: catch, at build/load time, data that differs from the committed results'.
+
+The embedded corpus is rebuilt on each machine, and its content depends on more than this repository: the
+``code`` domain *is* the interpreter's standard library (and ``general`` includes its docstrings and pydoc
+topics), so another Python patch release gives other files; ``general`` also depends on ``mwparserfromhell``
+(it strips the Wikipedia markup), ``math`` on ``mathematics-dataset``/``sympy``/``numpy`` and ``multilingual``
+on ``polib``. ``reference_digests.json`` (next to this module) holds the sha256 of every split as built in the
+reference environment (the one the committed ``results/`` were made in; CI's machine), with that environment.
+
+:func:`check_reference` runs from :func:`bts.data.corpus.ensure_built` (build and load) and logs ONE warning line
+naming the differing splits and the likely cause, e.g.::
+
+    data: code/train.jsonl, code/val.jsonl, code/test.jsonl differ from the reference digests: this interpreter is
+    3.11.2, the reference 3.11.7 (the code domain is the standard library); numbers will not match the committed
+    results (reference: src/bts/data/reference_digests.json)
+
+Domains built with non-default parameters are not compared (there is no reference for them). After an intended
+change of a builder, regenerate the file from a fresh build: ``python -m bts.data.digests --write``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+log = logging.getLogger("bts.data")
+
+REFERENCE_FILE = Path(__file__).with_name("reference_digests.json")
+REFERENCE_FORMAT = 1
+_DOMAINS = ("general", "code", "math", "multilingual")
+_SPLITS = ("train", "val", "test")
+
+# why an input can change a domain (for the warning)
+_PYTHON_WHY = {
+    "code": "the code domain is the standard library",
+    "general": "the general domain includes the standard library's docstrings and pydoc topics",
+    "math": "the math generator runs under this interpreter",
+}
+_PACKAGE_WHY = {
+    "mwparserfromhell": "it strips the Wikipedia markup of the general domain",
+    "mathematics-dataset": "it generates the math problems",
+    "sympy": "the math problems are sympy expressions",
+    "numpy": "the math generator draws from numpy's RNG",
+    "polib": "it parses the gettext catalogs of the multilingual domain",
+}
+
+_warned: set[str] = set()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_reference(path: str) -> dict | None:
+    ref = _read_json(Path(path))
+    if not isinstance(ref, dict) or not isinstance(ref.get("domains"), dict):
+        return None
+    return ref
+
+
+def load_reference(path: str | os.PathLike | None = None) -> dict | None:
+    """The committed reference (``None`` when missing or unreadable)."""
+    return _load_reference(str(path or REFERENCE_FILE))
+
+
+def _data_dir(cache_dir: str | os.PathLike | None) -> Path:
+    from .corpus import default_cache_dir
+
+    return default_cache_dir(cache_dir) / "data"
+
+
+def manifests(cache_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """``{domain: manifest}`` of the built domains."""
+    data_dir = Path(data_dir) if data_dir is not None else _data_dir(cache_dir)
+    out = {}
+    for d in _DOMAINS:
+        man = _read_json(data_dir / d / "manifest.json")
+        if isinstance(man, dict):
+            out[d] = man
+    return out
+
+
+def current_digests(cache_dir: str | os.PathLike | None = None, data_dir=None) -> dict[str, str]:
+    """``{"<domain>/<split>.jsonl": sha256}`` from the manifests of the built domains."""
+    out = {}
+    for d, man in manifests(cache_dir, data_dir).items():
+        for name, entry in sorted((man.get("files") or {}).items()):
+            if isinstance(entry, dict) and entry.get("sha256"):
+                out[f"{d}/{name}"] = entry["sha256"]
+    return out
+
+
+def _stdlib_of(man: dict) -> dict | None:
+    """``{"root", "content_sha256"}`` of the standard library a domain was built from (code domain provenance)."""
+    for src in (man.get("provenance") or {}).get("sources") or []:
+        if isinstance(src, dict) and src.get("content_sha256"):
+            return {"root": src.get("root"), "content_sha256": src["content_sha256"]}
+    return None
+
+
+def _wheels_of(man: dict) -> dict[str, str]:
+    """``{wheel requirement: sha256}`` of the pinned wheels a domain was built from (its provenance)."""
+    out = {}
+    for src in (man.get("provenance") or {}).get("sources") or []:
+        if isinstance(src, dict) and src.get("wheel") and src.get("sha256"):
+            out[src["wheel"]] = src["sha256"]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- comparing
+def _causes(domain: str, man: dict, ref: dict) -> list[tuple[str, str | None]]:
+    """Likely causes of a domain's digests differing from the reference, from its build key and provenance:
+    ``[(what differs, why it matters or None)]``."""
+    key, rkey = man.get("key") or {}, ref.get("key") or {}
+    env, renv = key.get("env") or {}, rkey.get("env") or {}
+    out: list[tuple[str, str | None]] = []
+    if env.get("python") != renv.get("python") and renv.get("python"):
+        out.append((f"this interpreter is {env.get('python') or '?'}, the reference {renv['python']}",
+                    _PYTHON_WHY.get(domain, "the builder runs under it")))
+    elif (_stdlib_of(man) or {}).get("content_sha256") != (ref.get("stdlib") or {}).get("content_sha256") \
+            and ref.get("stdlib"):
+        what = (f"the standard library at {(_stdlib_of(man) or {}).get('root')} differs from the reference's "
+                f"({ref['stdlib'].get('root')}) although both are Python {env.get('python')}: another build of the "
+                "interpreter (e.g. a distribution's python3)")
+        out.append((what, _PYTHON_WHY.get(domain)))
+    if env.get("implementation") != renv.get("implementation") and renv.get("implementation"):
+        out.append((f"this interpreter is {env.get('implementation')}, the reference {renv['implementation']}", None))
+    for pkg in sorted(set(env) | set(renv)):
+        if pkg in ("python", "implementation") or env.get(pkg) == renv.get(pkg):
+            continue
+        out.append((f"{pkg} is {env.get(pkg) or 'missing'} here, the reference {renv.get(pkg) or 'missing'}",
+                    _PACKAGE_WHY.get(pkg)))
+    wheels, rwheels = _wheels_of(man), ref.get("wheels") or {}
+    for req in sorted(set(wheels) | set(rwheels)):
+        if wheels.get(req) != rwheels.get(req):
+            out.append((f"the wheel {req} differs (sha256 {str(wheels.get(req))[:12]} vs {str(rwheels.get(req))[:12]})",
+                        None))
+    if key.get("format_version") != rkey.get("format_version"):
+        what = f"the corpus format version is {key.get('format_version')}, the reference {rkey.get('format_version')}"
+        out.append((what, None))
+    if key.get("builder_sha256") != rkey.get("builder_sha256"):
+        what = ("the builder code changed (src/bts/data/sources; if intended, regenerate the reference with "
+                "python -m bts.data.digests --write)")
+        out.append((what, None))
+    if not out:
+        what = ("same interpreter version, package versions, wheels and builder code as the reference: something else "
+                "changed the output (another build of the interpreter, e.g. a distribution's python3 with another "
+                "standard library, the platform, or an unrecorded dependency)")
+        out.append((what, None))
+    return out
+
+
+def _join_causes(causes: list[tuple[str, str | None]]) -> str:
+    """One phrase per distinct cause, with the reasons of every domain it affects in one parenthesis."""
+    whys: dict[str, list[str]] = {}
+    for what, why in causes:
+        lst = whys.setdefault(what, [])
+        if why and why not in lst:
+            lst.append(why)
+    return "; ".join(f"{what} ({'; '.join(w)})" if w else what for what, w in whys.items())
+
+
+def compare_to_reference(cache_dir: str | os.PathLike | None = None, domains=None, data_dir=None,
+                         reference: dict | None = None) -> dict | None:
+    """Compare the built domains with the reference: ``{"matches", "differs": [split keys], "cause", "by_domain",
+    "checked": [domains], "skipped": {domain: why}}``; ``None`` when there is no reference or nothing is built."""
+    ref = reference if reference is not None else load_reference()
+    if ref is None:
+        return None
+    mans = manifests(cache_dir, data_dir)
+    if domains is not None:
+        mans = {d: m for d, m in mans.items() if d in set(domains)}
+    if not mans:
+        return None
+    differs: list[str] = []
+    causes: dict[str, list[tuple[str, str | None]]] = {}
+    checked, skipped = [], {}
+    for d, man in mans.items():
+        rdom = (ref.get("domains") or {}).get(d)
+        if not isinstance(rdom, dict):
+            skipped[d] = "no reference for this domain"
+            continue
+        if ((man.get("key") or {}).get("params")) != ((rdom.get("key") or {}).get("params")):
+            skipped[d] = "built with non-default parameters"
+            continue
+        checked.append(d)
+        bad = [f"{d}/{s}.jsonl" for s in _SPLITS
+               if ((man.get("files") or {}).get(f"{s}.jsonl") or {}).get("sha256")
+               != ((rdom.get("files") or {}).get(f"{s}.jsonl") or {}).get("sha256")]
+        if bad:
+            differs += bad
+            causes[d] = _causes(d, man, rdom)
+    cause = _join_causes([c for cs in causes.values() for c in cs]) if causes else None
+    return {"matches": not differs, "differs": differs, "cause": cause,
+            "by_domain": {d: _join_causes(cs) for d, cs in causes.items()}, "checked": checked,
+            "skipped": skipped, "reference_python": (ref.get("made_with") or {}).get("python")}
+
+
+def warning_line(result: dict | None) -> str | None:
+    """The one-line warning for a comparison (``None`` when everything checked matches)."""
+    if not result or result.get("matches", True):
+        return None
+    return (f"data: {', '.join(result['differs'])} differ{'s' if len(result['differs']) == 1 else ''} from the "
+            f"reference digests: {result['cause']}; numbers will not match the committed results "
+            f"(reference: src/bts/data/{REFERENCE_FILE.name})")
+
+
+def check_reference(data_dir: str | os.PathLike, domains=None) -> str | None:
+    """Called when the corpus is built or loaded: log the warning line, once per process for each differing domain
+    (the datamodule loads every split; one line is enough). Returns the line for ``domains``. Never raises."""
+    try:
+        res = compare_to_reference(data_dir=data_dir, domains=domains)
+        line = warning_line(res)
+        if line is None:
+            return None
+        fresh = [d for d in res["by_domain"] if d not in _warned]
+        if fresh:
+            sub = res if len(fresh) == len(res["by_domain"]) else compare_to_reference(data_dir=data_dir, domains=fresh)
+            _warned.update(fresh)
+            log.warning("%s", warning_line(sub))
+        return line
+    except Exception as e:  # noqa: BLE001 - a check must never break a build
+        log.debug("reference digest check failed: %s", e)
+        return None
+
+
+# -------------------------------------------------------------------------------------------- writing
+def _package_version(dist: str) -> str:
+    from .sources import package_version
+
+    return package_version(dist)
+
+
+def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) -> dict:
+    """The reference content from the built corpus (every domain must be built with default parameters)."""
+    from .corpus import DOMAINS
+    from .sources import EmbeddedConfig
+
+    mans = manifests(cache_dir, data_dir)
+    missing = [d for d in DOMAINS if d not in mans]
+    if missing:
+        from bts.io import BTSError
+
+        raise BTSError(f"domain(s) {', '.join(missing)} not built; run bts.data.ensure_built() first")
+    default = EmbeddedConfig()
+    domains = {}
+    for d in DOMAINS:
+        man = mans[d]
+        key = man.get("key") or {}
+        if key.get("params") != default.domain_params(d):
+            from bts.io import BTSError
+
+            raise BTSError(f"domain {d} was built with non-default parameters; rebuild it with the defaults")
+        domains[d] = {
+            "key": key,
+            "wheels": _wheels_of(man),
+            **({"stdlib": _stdlib_of(man)} if _stdlib_of(man) else {}),
+            "records": man.get("records"),
+            "files": {name: {"sha256": e.get("sha256"), "bytes": e.get("bytes"), "records": e.get("records")}
+                      for name, e in sorted((man.get("files") or {}).items())},
+        }
+    return {
+        "format": REFERENCE_FORMAT,
+        "about": "sha256 of the embedded corpus splits as built in the reference environment (the committed results' "
+                 "and CI's); checked by bts.data.digests at build/load time. Regenerate: python -m bts.data.digests "
+                 "--write",
+        "made_with": {
+            "python": platform.python_version(),
+            "implementation": sys.implementation.name,
+            "platform": f"{platform.system()} {platform.machine()}",
+            "packages": {p: _package_version(p) for p in ("mathematics-dataset", "sympy", "numpy",
+                                                          "mwparserfromhell", "polib", "tokenizers")},
+        },
+        "domains": domains,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bts.data.digests",
+                                description="Compare the built embedded corpus with the reference digests, or "
+                                            "(--write) make the reference from it.")
+    p.add_argument("--cache-dir", help="data cache (default: $BTS_CACHE_DIR, else ./.cache/bts)")
+    p.add_argument("--write", action="store_true", help=f"write {REFERENCE_FILE} from the built corpus")
+    p.add_argument("--build", action="store_true", help="build the corpus first (default parameters)")
+    a = p.parse_args(argv)
+    from bts.io import BTSError, atomic_write_json
+
+    try:
+        if a.build or a.write:
+            from .corpus import ensure_built
+
+            ensure_built(a.cache_dir)
+        if a.write:
+            atomic_write_json(REFERENCE_FILE, make_reference(a.cache_dir))
+            _load_reference.cache_clear()
+            print(f"wrote {REFERENCE_FILE}")
+            return 0
+        result = compare_to_reference(a.cache_dir)
+    except BTSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is None:
+        print("nothing to compare (no reference file, or no corpus built)")
+        return 0
+    line = warning_line(result)
+    print(line or f"data: {', '.join(result['checked'])} match the reference digests")
+    return 1 if line else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Scoring machinery shared by the families: log-likelihood multiple choice and teacher-forced span exact match.
+
+Multiple choice (every ``*_mc_acc`` metric). Generative metrics sit at 0 for models of held-out perplexity
+~10-200, so every domain has an lm-eval style log-likelihood task: an item is a prompt and ``mc_choices`` (4)
+candidate continuations, the true one and distractors drawn (seeded) from *other* test records of the same kind.
+The model picks the candidate with the highest *unnormalised* total log-probability given the prompt
+(``bts.eval.metrics.continuation_logprobs``); an item earns 1 when the truth wins, 1/m when it is one of m tied
+maxima, else 0 (``multiple_choice_credit``), so a model that cannot tell the candidates apart scores exactly chance
+(100 / ``mc_choices``); the truth also sits at a seeded random position. Distractors are distinct from the truth
+and from each other, never the target of a few-shot example in the prompt, and are drawn among the ``mc_near``
+(3) pool entries closest in token length to the truth (ties in seeded random order), so the length prior of the
+unnormalised score carries little signal. Where the training document ends after the candidate (math answers,
+translations), the candidate is scored with the EOS that ends the document, so a prefix of the truth ("1" for
+"12") is not a free win. Candidate tokens are the tokens of ``prompt + candidate`` after those of the prompt (as
+the model saw the text in training; the prompt is cut before the whitespace that leads the candidate). Every
+candidate of an item sees the same (left-truncated) context; rows are scored pad-free, batched across items
+among rows of equal length. The length-normalised variant (log-probability per UTF-8 byte of the candidate,
+lm-eval's ``acc_norm``) is reported in ``extra`` as ``*_mc_acc_norm``.
+
+Teacher-forced spans (``code_next_line_em``, ``general_next_word_acc``): one forward pass per document; a span
+(line, word) is a hit when every one of its tokens is the argmax given the true prefix
+(``bts.eval.metrics.span_exact_matches``). The per-item cell of such a metric is one document: its hits over its
+scored spans, so the metric is the micro average over spans.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bts.eval.metrics import (
+    char_to_token_spans,
+    continuation_logprobs,
+    multiple_choice_accuracy,
+    multiple_choice_credit,
+    span_exact_matches,
+)
+from bts.eval.tasks.base import Context, TaskInfo, TaskOutput
+from bts.io import BTSError
+
+MC_COMMON = ("Unnormalised sum log-prob of each candidate given the prompt, argmax, ties split (1/m credit); "
+             "distractors are seeded, distinct, among the `mc_near` pool entries closest in token length; truth at "
+             "a seeded position.")
+
+
+def norm_extras(tasks: Mapping[str, TaskInfo]) -> dict[str, TaskInfo]:
+    """The ``<name>_norm`` (acc_norm) extra metric of every multiple-choice metric of ``tasks``."""
+    return {
+        f"{name}_norm": TaskInfo(
+            info.group, info.domain, info.label.replace("acc.", "acc_norm"),
+            f"{name} with length-normalised candidate scores (total log-prob / UTF-8 bytes of the candidate text, "
+            "lm-eval's acc_norm; not in avg).", chance=info.chance, parent=name, scoring="mc")
+        for name, info in tasks.items() if info.scoring == "mc"
+    }
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice item: a prompt and candidate continuations, ``candidates[answer]`` the true one."""
+
+    context: list[int]
+    """Prompt token ids (doc start, few-shot documents, prompt); left-truncated when scored."""
+    candidates: list[str]
+    """Candidate continuation texts, each with the whitespace that separates it from the prompt."""
+    candidate_ids: list[list[int]]
+    """Their scored token ids (followed by EOS where the training document ends there)."""
+    answer: int
+    """Index of the true candidate (seeded random position)."""
+    group: str = ""
+    """Stratum the distractors come from (math module, language, indentation)."""
+
+
+def pick_distractors(truth: str, pool: Sequence[str], n: int, rng: random.Random, near: int = 0,
+                     key: Callable[[str], object] | None = None,
+                     lengths: Callable[[list[str]], list[int]] | None = None) -> list[str] | None:
+    """``n`` entries of ``pool`` whose ``key`` (default: the string) differs from the truth's and from each other's
+    (the first entry of each key is kept), drawn with ``rng`` among the ``max(near, n)`` closest in length to
+    ``truth`` (the whole pool when ``near`` is 0; equal distances in random order). ``lengths`` maps a list of
+    strings to their lengths (default: characters; the suite uses tokens). None when fewer than ``n`` such
+    entries exist. Deterministic for a given ``rng`` state and pool order."""
+    key = key or (lambda x: x)
+    seen = {key(truth)}
+    uniq: list[str] = []
+    for c in pool:
+        k = key(c)
+        if c and k not in seen:
+            seen.add(k)
+            uniq.append(c)
+    if n < 0 or len(uniq) < n:
+        return None
+    rng.shuffle(uniq)
+    if near > 0:
+        n_truth, *n_uniq = (lengths or (lambda xs: [len(x) for x in xs]))([truth, *uniq])
+        dist = {c: abs(m - n_truth) for c, m in zip(uniq, n_uniq)}
+        uniq.sort(key=dist.__getitem__)  # stable: ties keep the random order
+        uniq = uniq[: max(near, n)]
+    return rng.sample(uniq, n)
+
+
+def token_lengths(ctx: Context, prefix: str = "", suffix: str = "") -> Callable[[list[str]], list[int]]:
+    """Cached, batch-encoded ``[len(encode(prefix + s + suffix)) for s in strings]``: the length measure of the
+    distractor matching (tokens, as the candidates are scored)."""
+    cache: dict[str, int] = {}
+
+    def lengths(strings: list[str]) -> list[int]:
+        new = list(dict.fromkeys(x for x in strings if x not in cache))
+        if new:
+            enc = ctx.tok([prefix + x + suffix for x in new], add_special_tokens=False)["input_ids"]
+            cache.update(zip(new, map(len, enc)))
+        return [cache[x] for x in strings]
+
+    return lengths
+
+
+def continuation_ids(ctx: Context, prompt: str, prompt_ids: list[int], cont: str) -> list[int]:
+    """Tokens of ``cont`` as they follow ``prompt`` in ``prompt + cont`` (lm-eval's split of the joint encoding);
+    ``cont`` encoded alone when the joint encoding does not start with the prompt's tokens."""
+    whole = ctx.encode(prompt + cont)
+    n = len(prompt_ids)
+    if len(whole) > n and whole[:n] == prompt_ids:
+        return whole[n:]
+    return ctx.encode(cont)
+
+
+def mc_item(ctx: Context, rng: random.Random, head: list[int], prompt: str, sep: str, truth: str,
+            distractors: Sequence[str], tail: str = "", end_doc: bool = False, group: str = "") -> MCItem | None:
+    """Assemble an item: the truth at a seeded random position among the distractors, candidates ``sep + c +
+    tail`` (+ EOS when ``end_doc``) after ``head + tokens(prompt)``. None when a candidate would take more than
+    half of the context."""
+    pos = rng.randrange(len(distractors) + 1)
+    texts = [sep + c + tail for c in [*distractors[:pos], truth, *distractors[pos:]]]
+    prompt_ids = ctx.encode(prompt)
+    ids = [continuation_ids(ctx, prompt, prompt_ids, t) + ([ctx.eos] if end_doc else []) for t in texts]
+    context = list(head) + prompt_ids
+    if not context or any(not c for c in ids) or max(len(c) for c in ids) > ctx.max_context // 2:
+        return None
+    return MCItem(context, texts, ids, pos, group)
+
+
+def score_mc(ctx: Context, items: Sequence[MCItem], desc: str = "mc") -> list[list[float]]:
+    """Total log-probability of every candidate of every item given its context (left-truncated so that the
+    longest candidate of the item fits ``max_context``; all candidates of an item see the same context). Rows
+    are never padded: rows of equal length (from any items) share a forward pass of at most ``mc_batch_tokens``
+    tokens."""
+    rows: dict[int, list[tuple[list[int], int, int, int]]] = {}
+    for i, it in enumerate(items):
+        keep = ctx.max_context - max(len(c) for c in it.candidate_ids)
+        context = it.context[-keep:] if keep > 0 else []
+        if not context:
+            raise BTSError(f"{desc}: a candidate does not fit the context of {ctx.max_context} tokens")
+        for j, cand in enumerate(it.candidate_ids):
+            ids = context + cand
+            rows.setdefault(len(ids), []).append((ids, len(cand), i, j))
+    out = [[0.0] * len(it.candidate_ids) for it in items]
+    batches = []
+    for length in sorted(rows):
+        bs = max(1, ctx.cfg.mc_batch_tokens // length)
+        batches += [rows[length][k: k + bs] for k in range(0, len(rows[length]), bs)]
+    for batch in ctx.bar(batches, desc):
+        x = torch.tensor([r[0] for r in batch], dtype=torch.long, device=ctx.device)
+        lp = continuation_logprobs(ctx.model(x), x, [r[1] for r in batch])
+        for (_, _, i, j), v in zip(batch, lp.tolist()):
+            out[i][j] = v
+    return out
+
+
+def run_mc(ctx: Context, name: str, items: Sequence[MCItem]) -> TaskOutput:
+    """Score one multiple-choice metric: its per-item credit (the cell) and, as ``<name>_norm`` in ``extra``, the
+    accuracy of the score per UTF-8 byte of the candidate text."""
+    logp = score_mc(ctx, items, name)
+    answers = [it.answer for it in items]
+    norm = [[lp / max(1, len(t.encode("utf-8"))) for lp, t in zip(row, it.candidates)]
+            for row, it in zip(logp, items)]
+    out = TaskOutput()
+    out.add_cell(name, multiple_choice_credit(logp, answers), [1] * len(items))
+    out.extra[f"{name}_norm"] = multiple_choice_accuracy(norm, answers)
+    return out
+
+
+def span_hits(ctx: Context, records: Sequence[dict], spans_fn, desc: str) -> tuple[list[int], list[int]]:
+    """Teacher-forced greedy exact match of the character spans ``spans_fn(text)`` (all but the first span are
+    scored; spans must fit the context): per record with at least one scored span, (hits, scored spans)."""
+    hits, totals = [], []
+    for rec in ctx.bar(records, desc):
+        text = str(rec["text"])
+        enc = ctx.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = ctx.prefix + list(enc["input_ids"])
+        shift = len(ctx.prefix)
+        tok_spans = char_to_token_spans(enc["offset_mapping"], spans_fn(text))[1:]
+        tok_spans = [(a + shift, b + shift) for a, b in (s for s in tok_spans if s is not None)]
+        tok_spans = [(a, b) for a, b in tok_spans if a >= 1 and b <= ctx.seq_len]
+        if not tok_spans:
+            continue
+        ids = ids[: max(b for _, b in tok_spans)]
+        res = span_exact_matches(ctx.scores(ids), torch.tensor(ids, device=ctx.device), tok_spans)
+        hits.append(sum(res))
+        totals.append(len(res))
+    return hits, totals
+
+
+def run_span(ctx: Context, name: str, records: Sequence[dict], spans_fn) -> TaskOutput:
+    """A span metric as a cell over documents; ``info.items[name]`` = scored spans, ``<name>_docs`` = documents."""
+    hits, totals = span_hits(ctx, records, spans_fn, name)
+    out = TaskOutput()
+    out.add_cell(name, hits, totals, count=sum(totals))
+    out.counts[f"{name}_docs"] = len(totals)
+    return out
