@@ -46,7 +46,7 @@ import baselines.upcycle as up
 assert up.load_btx is load_btx is bam2.load_btx and up.BAMModel is bam2.BAMModel and up.BTXModel is BTXModel
 """
     env_path = str(SRC.parent)
-    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=900,
                          env={"PYTHONPATH": env_path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                               "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]

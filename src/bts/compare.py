@@ -119,6 +119,10 @@ def flatten_env(env: Mapping | None) -> dict[str, str]:
     def walk(node, prefix: str) -> None:
         if prefix and any(prefix == k or prefix.startswith(k + ".") for k in _NOT_INPUTS):
             return
+        # a model is compared by its weights: its directory hash also covers run records (training.json with its
+        # wall times), which differ between identical runs
+        if prefix.startswith("models.") and prefix.rsplit(".", 1)[-1] in ("sha256", "files"):
+            return
         if isinstance(node, Mapping):
             for k, v in node.items():
                 walk(v, f"{prefix}.{k}" if prefix else str(k))

@@ -48,6 +48,7 @@ KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL
 _VOLATILE_JSON_KEYS = frozenset({"transformers_version", "resolved_path", "output_dir", "root", "created",
                                  "created_at", "timestamp", "seconds", "wall_seconds"})
 _MODEL_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".ckpt", ".npy")
+_RUN_RECORDS = frozenset({"training.json", "eval.json", "merge.json"})
 
 
 def _safe(fn, *args, **kwargs):
@@ -228,6 +229,8 @@ def dir_sha256(path: str | os.PathLike, suffixes: tuple[str, ...] = _MODEL_SUFFI
     files = []
     for p in path.rglob("*"):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
+            continue
+        if p.name in _RUN_RECORDS:  # what a run measured (wall times, metrics), not what the model is
             continue
         if names is not None:
             if p.name in names:
