@@ -1,9 +1,10 @@
 """Which of the paper's claims hold in this regime, with significance (DESIGN.md §7).
 
 Each claim is a statistic of a few methods' evaluation cells whose sign is the claim (e.g. ``seed mean ppl − BTS
-mean ppl > 0``: "BTS beats the seed"). Its 95 % CI comes from ``bts.stats.paired_ci``: per bootstrap replicate the
-seeds are resampled, then each cell's items (blocks, MC items, gate prompts) within each seed, with the same items
-for every method (paired per seed: the same seed's data, seed model and experts). The verdict is "holds" when the
+mean ppl > 0``: "BTS beats the seed"). Its 95 % CI comes from ``bts.stats.paired_ci``: per bootstrap replicate
+each cell's items (blocks, MC items, gate prompts) are resampled once for every method and seed (all seeds are
+scored on the same items) and the seeds are resampled (paired per seed: the same seed's data, seed model and
+experts). The verdict is "holds" when the
 CI excludes 0 in the claimed direction, "does not hold" when it excludes 0 the other way, "unresolved" otherwise.
 The paper's own figure is printed beside it. Nothing is hand-entered: ``bts reproduce`` recomputes every claim.
 """

@@ -7,10 +7,10 @@ an m-way tie, 0) and ``den`` = 1; a teacher-forced span task has ``num`` = a doc
 
 ``cell_ci``: percentile bootstrap over items (``B`` resamples, seeded); ``resample_ci`` the same for a statistic
 that must be recomputed from the resampled units (corpus-level chrF). ``paired_ci``: the CI of a statistic of
-several methods (e.g. "BTS mean ppl - BTM mean ppl") that resamples, per replicate, the seeds with replacement and
-then the items of each cell within each drawn seed, with the *same* item indices for every method (paired: the
-same seed's data, seed model and experts, the same blocks), and averages the statistic over the drawn seeds. It
-therefore covers both item sampling and seed-to-seed training noise.
+several methods (e.g. "BTS mean ppl - BTM mean ppl") that resamples, per replicate, the test items (one draw per
+cell, shared by every method and every seed: all seeds are scored on the same items, so items and seeds are
+crossed) and the seeds with replacement, and averages the statistic over the drawn seeds (paired: the same seed's
+data, seed model and experts, the same blocks). It covers both item sampling and seed-to-seed training noise.
 """
 
 from __future__ import annotations
@@ -87,12 +87,14 @@ def paired_ci(per_seed: Sequence[Cells], stat: Callable[[dict[str, dict]], float
 
     ``stat`` maps ``{method: {cell: value}}`` of one seed to a number (e.g. a difference of two methods' mean
     perplexity); it is also called with arrays of ``b`` bootstrap values per cell, so it must use elementwise
-    arithmetic (``np.maximum`` rather than ``max``). Per replicate, the items of each cell of each seed are drawn
-    once, with the same indices for every method (paired); then the seeds are drawn with replacement and the
-    replicate is the mean of the drawn seeds' statistic. Item lists of a cell must have the same length for every
-    method of a seed (they are the same items); this is checked."""
+    arithmetic (``np.maximum`` rather than ``max``). Items and seeds are *crossed*, not nested: every seed is scored
+    on the same test items, so each replicate draws one resample of a cell's items, shared by every seed and every
+    method (paired), and independently a resample of the seeds; the replicate is the mean of the drawn seeds'
+    statistic. Item lists of a cell must have the same length for every method (they are the same items); this is
+    checked (a cell whose length differs between seeds gets its own draw for that length)."""
     rng = np.random.default_rng([seed, len(per_seed)])
     per_seed_vals, per_seed_reps = [], []
+    draws: dict[tuple[str, int], np.ndarray] = {}
     for cells in per_seed:
         sizes: dict[str, int] = {}
         for by_cell in cells.values():
@@ -100,7 +102,11 @@ def paired_ci(per_seed: Sequence[Cells], stat: Callable[[dict[str, dict]], float
                 if sizes.setdefault(cell, len(it["num"])) != len(it["num"]):
                     raise ValueError(f"cell {cell!r}: methods were scored on different numbers of items")
         per_seed_vals.append(float(stat(statistic_values(cells))))
-        idx = {cell: rng.integers(0, n, size=(b, n)) for cell, n in sorted(sizes.items())}
+        idx = {}
+        for cell, n in sorted(sizes.items()):
+            if (cell, n) not in draws:
+                draws[(cell, n)] = rng.integers(0, n, size=(b, n))
+            idx[cell] = draws[(cell, n)]
         reps: dict[str, dict[str, np.ndarray]] = {}
         for method, by_cell in cells.items():
             reps[method] = {}
@@ -134,17 +140,21 @@ def verdict(ci: Sequence[float], direction: str) -> str:
 
 def multi_seed_cell_ci(per_seed: Sequence[Mapping[str, list]], b: int = B_DEFAULT, seed: int = 0,
                        alpha: float = ALPHA) -> list[float]:
-    """``[lo, hi]`` of the mean over seeds of one cell (``{"num", "den", "kind"}`` per seed): each replicate resamples
-    the seeds, then the items within each seed (as ``paired_ci``, vectorised). With one seed: ``cell_ci``."""
+    """``[lo, hi]`` of the mean over seeds of one cell (``{"num", "den", "kind"}`` per seed): each replicate draws one
+    resample of the items, shared by the seeds (the same test items; crossed, as in ``paired_ci``), and a resample
+    of the seeds. With one seed: ``cell_ci``."""
     if len(per_seed) == 1:
         it = per_seed[0]
         return cell_ci(it["num"], it["den"], it["kind"], b=b, seed=seed, alpha=alpha)
     rng = np.random.default_rng([seed, len(per_seed), 7])
     k = len(per_seed)
     vals = np.empty((k, b))
+    draws: dict[int, np.ndarray] = {}
     for s, it in enumerate(per_seed):
         num, den = np.asarray(it["num"], dtype=np.float64), np.asarray(it["den"], dtype=np.float64)
-        idx = rng.integers(0, len(num), size=(b, len(num)))
+        if len(num) not in draws:
+            draws[len(num)] = rng.integers(0, len(num), size=(b, len(num)))
+        idx = draws[len(num)]
         with np.errstate(divide="ignore", invalid="ignore"):
             vals[s] = _transform(num[idx].sum(1) / den[idx].sum(1), it["kind"])
     drawn = rng.integers(0, k, size=(b, k))
