@@ -51,14 +51,15 @@ def verify(ckpt: str | Path) -> str:
     return hashlib.sha256((ckpt / SUMS).read_bytes()).hexdigest()
 
 
-def install(ckpt: str | Path, model_out: Path, tokenizer_out: Path | None = None) -> str:
-    """Verify ``ckpt`` and copy it to ``model_out`` (and its tokenizer files to ``tokenizer_out``); returns its digest."""
+def install(ckpt: str | Path, model_out: Path | None, tokenizer_out: Path | None = None) -> str:
+    """Verify ``ckpt`` and copy it to ``model_out`` (and its tokenizer files to ``tokenizer_out``; either may be
+    None); returns its digest."""
     ckpt = Path(ckpt)
     digest = verify(ckpt)
-    names = [n for n in read_sums(ckpt)]
-    with atomic_dir(model_out) as tmp:
-        for n in names:
-            shutil.copyfile(ckpt / n, tmp / n)
+    if model_out is not None:
+        with atomic_dir(model_out) as tmp:
+            for n in read_sums(ckpt):
+                shutil.copyfile(ckpt / n, tmp / n)
     if tokenizer_out is not None:
         with atomic_dir(tokenizer_out) as tmp:
             for n in TOKENIZER_FILES:

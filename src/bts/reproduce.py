@@ -156,8 +156,7 @@ class Pipeline:
             from bts import pinned
 
             self.log(f"tokenizer: from the pinned checkpoint {self.p.tokenizer_from} (sha256 verified)")
-            pinned.install(self.p.tokenizer_from, out / ".model_unused", out)
-            shutil.rmtree(out / ".model_unused", ignore_errors=True)
+            pinned.install(self.p.tokenizer_from, None, out)
             self.timings["tokenizer"] = time.perf_counter() - t
             self._mark("tokenizer", h, "done")
             return
