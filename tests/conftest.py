@@ -59,6 +59,18 @@ def perturbed_copy(model, seed: int, scale: float = 0.02):
     return out
 
 
+def fit_random_batches(module, steps: int = 2, batch: int = 4, seq: int = 16, vocab: int = 97) -> None:
+    """A few Lightning training steps of ``module`` on seeded random token batches (no validation, no logging)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)} for _ in range(steps)]
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              limit_val_batches=0).fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+
+
 @pytest.fixture
 def llama_family():
     """A seed and three experts branched from it (tiny Llama)."""

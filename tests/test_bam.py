@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from baselines.bam import BAMModel, BAMModule, build_bam, load_bam
 from baselines.bam_adapters import BAMAdaptersModel, BAMAdaptersModule, load_bam_adapters
@@ -16,29 +14,12 @@ from baselines.btx import build_btx
 from baselines.moe import AttentionMixture
 from bts.io import state_dict_sha256
 from bts.params import count_params
-from conftest import perturbed_copy, tiny_llama
+from conftest import fit_random_batches, perturbed_copy, tiny_llama
 
 
 @pytest.fixture
 def ids():
     return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def fit(module, steps: int = 3, batch: int = 4, seq: int = 16, vocab: int = 97):
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)} for _ in range(steps)]
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
-    return trainer
 
 
 # --- BAM -----------------------------------------------------------------------------------------------------------
@@ -97,7 +78,7 @@ def test_bam_module_trains_every_parameter(saved_llama_family, tmp_path):
         output_dir=str(tmp_path / "bam"),
     )
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
-    fit(module, steps=2)
+    fit_random_batches(module, steps=2)
     after = module.net.state_dict()
     for key in [
         "model.model.layers.0.self_attn.router.weight",
@@ -156,7 +137,7 @@ def test_bam_adapters_frozen_weights_bit_identical_after_training(saved_llama_fa
     assert frozen and all(n.startswith(("embed_tokens", "norm", "lm_head", "model_layers")) for n in frozen)
     frozen_sha = state_dict_sha256(frozen)
     trainable_before = {k: v.clone() for k, v in net.trainable_state().items()}
-    fit(module, steps=3)
+    fit_random_batches(module, steps=3)
     assert state_dict_sha256({n: p for n, p in net.named_parameters() if not p.requires_grad}) == frozen_sha
     assert all(not m.training for m in net.frozen_modules())
     after = net.trainable_state()

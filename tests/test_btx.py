@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from baselines.btx import BTXModel, BTXModule, build_btx, export_mixtral, load_btx
 from baselines.moe import MoEFFN
 from bts.io import state_dict_sha256
 from bts.params import count_params
-from conftest import perturbed_copy, tiny_llama, tiny_qwen2
+from conftest import fit_random_batches, perturbed_copy, tiny_llama, tiny_qwen2
 
 VARIANTS = ["sample", "soft", "top2"]
 
@@ -22,23 +20,6 @@ VARIANTS = ["sample", "soft", "top2"]
 @pytest.fixture
 def ids():
     return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def fit(module, steps: int = 2, batch: int = 4, seq: int = 16, vocab: int = 97):
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)} for _ in range(steps)]
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
-    return trainer
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -259,7 +240,7 @@ def test_btx_module_trains_all_params_and_exports(saved_llama_family, tmp_path):
         output_dir=str(out),
     )
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
-    fit(module, steps=2)
+    fit_random_batches(module, steps=2)
     after = module.net.state_dict()
     assert not torch.equal(
         before["model.model.layers.0.mlp.router.weight"], after["model.model.layers.0.mlp.router.weight"]

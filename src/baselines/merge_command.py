@@ -26,7 +26,7 @@ from typing import Any
 
 from bts.io import BTSError
 
-OPTIONS = ("method", "seed", "experts", "out", "lambda", "density", "weights", "val_tokens", "batch_size")
+OPTIONS = ("method", "seed", "experts", "out", "lambda", "density", "weights", "val_tokens", "batch_size", "device")
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, help=f"rows per forward when scoring lambda (default {DEFAULT_BATCH_SIZE})"
     )
+    p.add_argument("--device", help="torch device that scores the lambda grid: cpu (default), cuda, or auto")
     p.add_argument("--config", metavar="YAML", help="YAML with the same option names as keys")
     return p
 
@@ -110,6 +111,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         "weights": args.weights,
         "val_tokens": args.val_tokens,
         "batch_size": args.batch_size,
+        "device": args.device,
     }
     opts.update({k: v for k, v in cli.items() if v is not None})
     return _typed(opts)
@@ -132,7 +134,7 @@ def _floats(key: str, value, scalar_ok: bool) -> list[float] | None:
 
 
 def _typed(opts: dict[str, Any]) -> dict[str, Any]:
-    for key in ("method", "seed", "out", "val_tokens"):
+    for key in ("method", "seed", "out", "val_tokens", "device"):
         if opts[key] is not None and not isinstance(opts[key], str):
             raise BTSError(f"option {key} must be a string, got {opts[key]!r}")
     for key in ("method", "seed", "experts", "out"):
@@ -214,11 +216,14 @@ def run(opts: dict[str, Any]) -> str:
     if grid is not None:
         if opts["val_tokens"] is None:
             raise BTSError("a lambda grid needs --val-tokens to choose from")
+        from bts.modeling import resolve_device
+
+        device = resolve_device(opts["device"] or "cpu")
         tokens = load_val_tokens(opts["val_tokens"])
         bs = opts["batch_size"] or DEFAULT_BATCH_SIZE
 
         def evaluate(lm):
-            return validation_loss(lm, tokens, batch_size=bs)
+            return validation_loss(lm.to(device), tokens, batch_size=bs)
 
     elif opts["val_tokens"] is not None:
         raise BTSError("--val-tokens is only used with a lambda grid (several --lambda values)")

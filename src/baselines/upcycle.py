@@ -147,6 +147,7 @@ class BTXModel(BaselineLM):
         dtype = next(self.model.parameters()).dtype
         with no_init_weights():
             mixtral = MixtralForCausalLM(cfg)
+        mixtral.tie_weights()  # no_init_weights skips init_weights, which is where transformers 5 ties the head
         state = {k: v for k, v in self.model.state_dict().items() if ".mlp." not in k}
         for i, moe in enumerate(self.moe_layers()):
             pre = f"model.layers.{i}.mlp."
@@ -271,6 +272,9 @@ def moe_skeleton(
     cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg)
+    # no_init_weights also skips the tying of lm_head to embed_tokens (transformers 5 ties in init_weights); without
+    # it a tied model's artifact (saved by safetensors.save_model with one name per shared tensor) cannot load
+    model.tie_weights()
     hidden = cfg.hidden_size
     for layer in decoder_parts(model).layers:
         layer.mlp = MoEFFN(

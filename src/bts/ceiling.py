@@ -65,7 +65,7 @@ def _mean_nll(head, norm, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor | 
 def fit_best_map(head, norm, h: torch.Tensor, ids: torch.Tensor, max_iter: int = 300, tol: float = 1e-6):
     """(W [d, d], iterations, final gradient norm): full-batch L-BFGS on the cross-entropy from the identity."""
     d = h.shape[-1]
-    w = torch.nn.Parameter(torch.eye(d, dtype=h.dtype))
+    w = torch.nn.Parameter(torch.eye(d, dtype=h.dtype, device=h.device))
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
                             history_size=20, line_search_fn="strong_wolfe")
     n_evals = [0]
@@ -101,19 +101,20 @@ def ceiling_of(row: dict) -> float:
 
 
 def measure(runs: Path, domains=EXPERT_DOMAINS, fit_blocks: int = 192, test_blocks: int = 128,
-            seq_len: int = 128, max_iter: int = 300) -> dict:
+            seq_len: int = 128, max_iter: int = 300, device: str = "cpu") -> dict:
     """The ceiling of every ``runs/expert_<domain>`` against the hub ``runs/seed`` (see the module docstring)."""
     from bts.data import DomainMixDataModule
     from bts.eval.perplexity import token_nll
-    from bts.modeling import decoder_parts, load_causal_lm
+    from bts.modeling import decoder_parts, load_causal_lm, resolve_device
 
     runs = Path(runs)
     for need in ["seed", "tokenizer", *(f"expert_{d}" for d in domains)]:
         if not (runs / need).is_dir():
             raise BTSError(f"{runs / need} is missing (the ceiling needs the seed, the experts and the tokenizer)")
+    dev = resolve_device(device)
     torch.manual_seed(0)
     dm = DomainMixDataModule(tokenizer_dir=str(runs / "tokenizer"), mixture="bts")
-    seed = load_causal_lm(runs / "seed").eval()
+    seed = load_causal_lm(runs / "seed").to(dev).eval()
     hub = decoder_parts(seed)
     for p in seed.parameters():
         p.requires_grad_(False)
@@ -121,9 +122,9 @@ def measure(runs: Path, domains=EXPERT_DOMAINS, fit_blocks: int = 192, test_bloc
     for domain in domains:
         t0 = time.perf_counter()
 
-        train = _blocks(dm, domain, "val", fit_blocks, seq_len)
-        test = _blocks(dm, domain, "test", test_blocks, seq_len)
-        expert = load_causal_lm(runs / f"expert_{domain}").eval()
+        train = _blocks(dm, domain, "val", fit_blocks, seq_len).to(dev)
+        test = _blocks(dm, domain, "test", test_blocks, seq_len).to(dev)
+        expert = load_causal_lm(runs / f"expert_{domain}").to(dev).eval()
         with torch.no_grad():
             h_train, h_test = final_state(expert, train), final_state(expert, test)
 
@@ -141,6 +142,7 @@ def measure(runs: Path, domains=EXPERT_DOMAINS, fit_blocks: int = 192, test_bloc
         row |= {"fit_blocks": len(train), "test_blocks": len(test), "lbfgs_evals": evals,
                 "final_grad_norm": gnorm, "seconds": round(time.perf_counter() - t0, 1)}
         out[domain] = row
+        del expert
         print(f"ceiling {domain}: expert {row['expert_ppl']:.3f}, hub head on expert states: identity "
               f"{row['identity_ppl']:.3f}, best map {row['best_map_ppl']:.3f} -> ceiling {row['ceiling']:.3f} "
               f"(own-domain gain {row['own_ppl_gain']:.3f}; {evals} L-BFGS evaluations, |grad| {gnorm:.1e})",
@@ -157,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-blocks", type=int, default=128, help="held-out test blocks it is scored on")
     ap.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations at most (it stops earlier when "
                     "the gradient norm falls under 1e-6)")
+    ap.add_argument("--seq-len", type=int, default=128, help="block length in tokens")
+    ap.add_argument("--device", default="cpu", help="torch device, or auto (the GPU when there is one)")
     args = ap.parse_args(argv)
     domains = tuple(d for d in args.domains.split(",") if d)
-    if args.fit_blocks < 1 or args.test_blocks < 1 or args.max_iter < 1:
-        raise BTSError("--fit-blocks, --test-blocks and --max-iter must be >= 1")
+    if min(args.fit_blocks, args.test_blocks, args.max_iter) < 1 or args.seq_len < 2:
+        raise BTSError("--fit-blocks, --test-blocks and --max-iter must be >= 1, --seq-len >= 2")
     out = Path(args.out or Path(args.runs) / "ceiling")
-    result = measure(Path(args.runs), domains, args.fit_blocks, args.test_blocks, max_iter=args.max_iter)
+    result = measure(Path(args.runs), domains, args.fit_blocks, args.test_blocks, seq_len=args.seq_len,
+                     max_iter=args.max_iter, device=args.device)
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "ceiling.json", result)
     print(f"wrote {out}/ceiling.json")

@@ -262,8 +262,8 @@ class CausalLMModule(LMTrainingModule):
             output_dir: where the final Hugging Face directory (model + tokenizer, safetensors) is written.
             freeze: parts that keep the loaded weights, among ``FREEZABLE`` ("embeddings", "final_norm", "head"):
                 an expert whose final norm and head stay the seed's stays readable by the hub's head (DESIGN.md §7;
-                an approximation of the paper's very low expert lr). With tied embeddings, "embeddings" and "head"
-                are the same tensor.
+                an approximation of the paper's very low expert lr). With tied embeddings (``tie_word_embeddings``)
+                "embeddings" and "head" are one tensor: freeze both or neither (one alone is refused).
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
         freeze = list(freeze or [])
@@ -279,6 +279,14 @@ class CausalLMModule(LMTrainingModule):
         else:
             self.model = build_llama(arch, seed=seed)
         self.model.config.use_cache = False
+        tied = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        if tied and len({"embeddings", "head"} & set(freeze)) == 1:
+            one, other = ("head", "embeddings") if "head" in freeze else ("embeddings", "head")
+            raise BTSError(
+                f"model.init_args.freeze: {one!r} without {other!r} on a model with tied input/output embeddings "
+                f"(tie_word_embeddings): they are one tensor, so freezing {one!r} would also freeze {other!r}; "
+                "freeze both or neither"
+            )
         for part in freeze:
             for p in _freezable_part(self.model, part).parameters():
                 p.requires_grad_(False)

@@ -73,6 +73,19 @@ def build_llama(arch: LlamaArch, seed: int = 0, **special_ids) -> LlamaForCausal
     return LlamaForCausalLM(cfg)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None): the GPU when there is one, else the CPU; any other name must be a torch device."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BTSError(f"unknown device {name!r} (auto, cpu, cuda, cuda:<n>)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BTSError(f"device {name!r} requested but no CUDA GPU is available (use auto or cpu)")
+    return device
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a Hugging Face causal LM from a local directory (safetensors only; no remote code)."""
     path = Path(path)

@@ -60,6 +60,7 @@ class Profile:
     stages: list[StageSpec]
     tokenizer_vocab_size: int = 2048
     val_tokens_per_domain: int = 16
+    eval_device: str | None = None  # torch device of the evaluation: None = the CPU; auto = the GPU if there is one
     eval_threads: int | None = 1  # batch-1 decoding of tiny models is latency-bound: one thread avoids sync cost
     jobs: int = 1  # stages run at a time (Pipeline.run); `bts reproduce --jobs` overrides
     fit_overrides: list[str] = field(default_factory=list)
@@ -69,6 +70,8 @@ class Profile:
     eval_tasks: list[str] | None = None  # task groups / metrics evaluated (None: the suite's defaults)
     ablation_eval_tasks: list[str] | None = None  # the same for ablation rows (None: as eval_tasks)
     tokenizer_from: str | None = None  # a committed checkpoint whose tokenizer is used (verified) instead of training one
+    # a stage (without `after`) that runs first and whose output's tokenizer is the profile's (an imported seed)
+    tokenizer_stage: str | None = None
     export: dict | None = None  # {"stage": name, "to": dir}: publish that stage's model + tokenizer as a checkpoint
 
 
@@ -140,6 +143,8 @@ class Pipeline:
     def run_tokenizer(self) -> None:
         from bts.data.tokenizer import train_tokenizer
 
+        if self.p.tokenizer_stage:
+            return self._tokenizer_of_stage(self.p.tokenizer_stage)
         if self.p.tokenizer_from:  # the tokenizer of a committed checkpoint, verified against its SHA256SUMS
             from bts import pinned
 
@@ -163,6 +168,27 @@ class Pipeline:
         self.log(f"tokenizer: training BPE (vocab {self.p.tokenizer_vocab_size})")
         train_tokenizer(out, vocab_size=self.p.tokenizer_vocab_size)
         self.timings["tokenizer"] = time.perf_counter() - t
+        self._mark("tokenizer", h, "done")
+
+    def _tokenizer_of_stage(self, name: str) -> None:
+        """Run stage ``name`` ahead of the others and copy its output's tokenizer files to ``<runs>/tokenizer``."""
+        from bts.io import atomic_dir, copy_tokenizer_files
+
+        stage = next((s for s in self.p.stages if s.name == name), None)
+        if stage is None or stage.after:
+            raise BTSError(f"profile {self.p.profile}: tokenizer_stage '{name}' must name a stage without 'after'")
+        prep = self.prepare(stage)
+        output = self.run_stage(stage, prep, evaluate=False)
+        h = config_hash({"stage": prep.hash})
+        self.hashes["tokenizer"] = h
+        out = self.tokenizer_dir()
+        if self._done("tokenizer", h, out):
+            self.log("tokenizer: reused")
+            return
+        with atomic_dir(out) as tmp:
+            if "tokenizer.json" not in copy_tokenizer_files(output, tmp):
+                raise BTSError(f"stage {name} wrote no tokenizer.json into {output}")
+        self.log(f"tokenizer: from stage {name} ({output})")
         self._mark("tokenizer", h, "done")
 
     def resolve_config(self, stage: StageSpec) -> Path:
@@ -352,6 +378,12 @@ class Pipeline:
                "eval_tasks": self._eval_tasks(stage)}
         if self.allow_changed_models:
             key["allow_changed_models"] = True
+        device = None
+        if self.p.eval_device:
+            from bts.modeling import resolve_device
+
+            device = resolve_device(self.p.eval_device)
+            key["device"] = device.type
         h = config_hash(key)
         cache = output / "eval.json"
         if cache.is_file():
@@ -362,6 +394,8 @@ class Pipeline:
         import torch
 
         model, tokenizer, params = load_for_eval(output, allow_changed_models=self.allow_changed_models)
+        if device is not None:
+            model = model.to(device)
         threads = torch.get_num_threads()
         if self.p.eval_threads:
             torch.set_num_threads(self.p.eval_threads)
@@ -401,12 +435,15 @@ class Pipeline:
         self.hashes[stage.name] = prep.hash
         return prep
 
-    def run_stage(self, stage: StageSpec, prep: Prepared) -> dict | None:
-        """Train/build one stage (or reuse it) and evaluate it; returns its metrics entry (None: not reported)."""
+    def run_stage(self, stage: StageSpec, prep: Prepared, evaluate: bool = True):
+        """Train/build one stage (or reuse it) and evaluate it; returns its metrics entry (None: not reported), or
+        with ``evaluate=False`` its output directory."""
         if stage.kind == "pretrained":
             output = self.run_pretrained(stage, prep)
         else:
             output = self.run_fit(stage, prep) if stage.kind == "fit" else self.run_command(stage, prep)
+        if not evaluate:
+            return output
         if (stage.report or "method") == "none":
             return None
         self.log(f"{stage.name}: evaluating")
@@ -667,12 +704,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise BTSError(f"--jobs must be >= 1 (got {args.jobs})")
     profile = load_profile(args.profile)
+    check_accelerator(profile)
     results_dir = ensure_writable_dir(profile.results_dir)
     ensure_writable_dir(profile.runs_dir)
     with exclusive_lock(Path(profile.runs_dir) / ".lock", f"run directory {profile.runs_dir}"):
         if not args.force_results:
             check_results_dir(results_dir, profile.profile)
         return _reproduce(profile, results_dir, args)
+
+
+def check_accelerator(profile: Profile) -> None:
+    """A profile written for a GPU (``--trainer.accelerator=gpu``) on a machine without one: refuse it before any
+    stage runs, and say what to run instead."""
+    import torch
+
+    wants_gpu = any(o.replace(" ", "=") in ("--trainer.accelerator=gpu", "--trainer.accelerator=cuda")
+                    for o in profile.fit_overrides)
+    if wants_gpu and not torch.cuda.is_available():
+        smoke = Path("configs/reproduce") / f"{profile.profile}_smoke.yaml"
+        hint = f"run --profile {smoke.stem} on CPU" if smoke.is_file() else "run it on a machine with a GPU"
+        raise BTSError(f"profile {profile.profile} trains on a GPU (--trainer.accelerator=gpu) and this machine has "
+                       f"none; {hint}")
 
 
 def check_results_dir(results_dir: Path, profile: str) -> None:
