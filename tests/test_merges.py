@@ -244,18 +244,15 @@ def test_mismatched_state_dicts_are_user_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Against mergekit 0.1.5 (optional dependency)
+# Against mergekit 0.1.5's merge functions in process (a dev dependency; end to end: test_mergekit_parity.py)
 
 
 def _mergekit():
-    try:
-        from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
-    except ImportError as e:  # not installed, or one of its imports is missing
-        pytest.skip(f"mergekit not importable ({type(e).__name__}: {e}); hand-computed tests cover TIES")
     import importlib.metadata as md
 
-    if md.version("mergekit") != "0.1.5":
-        pytest.skip(f"conventions are pinned to mergekit 0.1.5, found {md.version('mergekit')}")
+    from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
+
+    assert md.version("mergekit") == "0.1.5", "conventions are pinned to mergekit 0.1.5"
     return merge_tensors, merge_state_dicts
 
 
