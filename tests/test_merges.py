@@ -437,7 +437,10 @@ def test_command_writes_dir_from_config(saved_llama_family, tmp_path, capsys):
         == 0
     )
     sel = json.loads((tmp_path / "grid" / "merge.json").read_text())["lambda_selection"]
-    assert sel["grid"] == [0.5, 1.0] and sel["best_lambda"] in (0.5, 1.0)
+    assert sel["grid"] == [0.5, 1.0] and sel["best_lambda"] == sel["grid"][sel["val_loss"].index(min(sel["val_loss"]))]
+    # the written model is the one scored best: its loss, recomputed, is the recorded minimum
+    loss = validation_loss(load_merged(tmp_path / "grid"), torch.load(tokens, weights_only=True))
+    assert loss == pytest.approx(min(sel["val_loss"]), abs=1e-5)
 
 
 def test_command_help():
