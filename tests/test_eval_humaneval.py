@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,25 +39,32 @@ def problems():
 
 @pytest.fixture
 def outside():
-    """A directory outside the sandbox's scratch space but visible from it (the repository's tests/)."""
-    d = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=Path(__file__).parent))
+    """A world-writable directory outside the sandbox's scratch space but visible from it (under /var/tmp, which
+    the sandbox does not hide and which any uid can reach), so that only the read-only mount stops the writes."""
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(__file__).parent
+    d = Path(tempfile.mkdtemp(prefix="bts-sandbox-victim-", dir=base))
     (d / "keep.txt").write_text("original")
-    # world-writable, so that only the read-only mount (not file permissions) can stop the writes
     d.chmod(0o777)
     (d / "keep.txt").chmod(0o666)
     yield d
     shutil.rmtree(d)
 
 
-def _sandbox_processes() -> int:
-    """Processes on this machine that run the sandbox's child code (a fork bomb's survivors would)."""
-    n = 0
+def _stat(pid: str) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+
+
+def _job_processes() -> set[str]:
+    """Processes in a session led by a child of this process: a job's sandbox while it runs (run_job starts each
+    job in a new session), whatever other test runs share the machine."""
+    me, found = str(os.getpid()), set()
     for p in Path("/proc").iterdir():
         try:
-            n += p.name.isdigit() and b"SOURCE = " in (p / "cmdline").read_bytes()
-        except OSError:
+            if p.name.isdigit() and _stat(_stat(p.name)[3])[1] == me:
+                found.add(p.name)
+        except (OSError, IndexError):
             pass
-    return n
+    return found
 
 
 def test_isolation_available_here():
@@ -152,12 +161,25 @@ def test_fork_bomb_is_bounded_and_cleaned_up():
              "                time.sleep(60)\n        except OSError:\n            return n\n        n += 1\n")
     r = check_completion({**PROBLEM, "test": "def check(candidate):\n    assert 0 < candidate(0) < 32\n"}, count)
     assert r.passed, r.result
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(_job_processes())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     t0 = time.perf_counter()
-    r = run("    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n"
-            "            pass\n", timeout=2.0)
+    try:
+        r = run("    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n"
+                "            pass\n", timeout=2.0)
+    finally:
+        done.set()
+        watcher.join()
     assert not r.passed and r.result == "timed out"
     assert time.perf_counter() - t0 < 10.0
-    assert _sandbox_processes() == 0
+    assert len(seen) > 5  # the bomb did fork
+    assert [p for p in seen if Path(f"/proc/{p}").exists()] == []  # and nothing of it survived
 
 
 def test_judge_and_its_secret_are_out_of_reach():
