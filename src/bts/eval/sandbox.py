@@ -1,6 +1,8 @@
 """Isolated execution of model-written code (HumanEval completions).
 
-A job runs under ``unshare`` (util-linux) in new user, mount, pid, network, ipc and uts namespaces, without root:
+A job runs in new user, mount, pid, network, ipc and uts namespaces that it creates itself with ``unshare(2)``
+(``bts.eval.sandbox_child``): no root and no extra package, only a kernel that allows unprivileged user
+namespaces. Run by root, the sandbox's processes are ``nobody`` outside; otherwise they are the calling user.
 
 * the whole filesystem is read-only; the only writable place is a private tmpfs on ``/tmp`` (the working
   directory, 64 MiB) that disappears with the sandbox; ``/dev`` and ``/run`` are empty, ``/proc`` shows only the
@@ -15,11 +17,9 @@ The verdict cannot be forged by the completion: the problem's tests run in a sep
 literals; the judge prints the job's nonce (sent on its stdin, never in a file, argument or environment) only
 after ``check`` returned, and the harness counts a pass only for that nonce with exit status 0.
 
-Where the namespaces cannot be created (no ``unshare``, user namespaces disabled), execution is refused with
-``BTSError`` unless ``allow_unsafe`` is set; the unsafe mode keeps the judge/candidate split and the resource
-limits but not the filesystem or network isolation. When the harness itself runs as root, uid 0 inside maps to
-root outside: files are still protected by the read-only mounts, but a Unix socket file outside ``/run``, ``/tmp``
-and ``/dev`` could still be connected to; run evaluations as an ordinary user for the stronger setting.
+Where the namespaces cannot be created (user namespaces disabled, a container that forbids them), execution is
+refused with ``BTSError`` unless ``allow_unsafe`` is set; the unsafe mode keeps the judge/candidate split and the
+resource limits but not the filesystem or network isolation.
 """
 
 from __future__ import annotations
