@@ -98,6 +98,14 @@ def _map_ids(pid: int, root: bool) -> None:
         _write(f"/proc/{pid}/gid_map", f"0 {os.getegid()} 1\n")
 
 
+def _die_with_parent() -> None:
+    """SIGKILL when the parent goes. Set after every credential change (unshare, setuid), which clears it."""
+    parent = os.getppid()
+    _libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def role_init(limits: str) -> None:
     """Enter the namespaces (a helper outside the new user namespace writes its id maps), then fork the
     sandbox's pid 1 and wait for it."""
@@ -123,10 +131,10 @@ def role_init(limits: str) -> None:
         helped = os.waitpid(helper, 0)[1] == 0
     if not helped:
         sys.exit("cannot map user ids")
+    _die_with_parent()  # a harness that dies takes the sandbox with it
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     child = os.fork()
     if child == 0:
-        _libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: killing this parent ends the sandbox
         _enter(json.loads(limits), root, limits)
     # SIGTERM from the harness (timeout): kill pid 1, which returns only once every process in it has gone
     signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
@@ -166,6 +174,7 @@ def _enter(lim: dict, root: bool, limits: str) -> None:
         os.setgroups([])
         os.setresgid(INNER, INNER, INNER)
         os.setresuid(INNER, INNER, INNER)
+    _die_with_parent()  # killing the first process ends the sandbox
     role = "probe" if lim.get("probe") else "tests"
     os.execve(exe, [exe, *self_command(role, limits)[1:]], env)
 
