@@ -62,13 +62,10 @@ def _read_only_everywhere() -> None:
         return
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         points = [line.split()[4].encode().decode("unicode_escape") for line in f]
-    for mp in points:
-        try:
-            keep = os.statvfs(mp).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048 | 2097152)
-            _mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
-        except OSError:
-            if mp == "/":
-                raise
+    for mp in points:  # any failure is fatal: the sandbox fails closed
+        f = os.statvfs(mp).f_flag  # ST_NOSUID/NODEV/NOEXEC/NOATIME/NODIRATIME are the MS_ bits; ST_RELATIME is not
+        keep = (f & (MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048)) | (1 << 21 if f & 4096 else 0)
+        _mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
 def _drop_privileges() -> None:
@@ -181,10 +178,12 @@ def _enter(lim: dict, root: bool, limits: str) -> None:
 
 def role_probe(limits: str) -> None:
     try:
-        os.close(os.open("/bts-probe", os.O_WRONLY | os.O_CREAT, 0o600))
-        sys.exit("probe: / is writable")
+        os.close(os.open("/bts-probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError:
         pass
+    else:
+        os.unlink("/bts-probe")
+        sys.exit("probe: / is writable")
     import socket
 
     try:
