@@ -16,9 +16,9 @@ $(BIN)/bts:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
-	# mergekit without its (heavy, CUDA-pulling) dependencies: the TIES tests compare against its merge functions.
-	$(BIN)/pip install --quiet --no-deps mergekit==0.1.5
+	@# torch is pinned on the command line too, so that no dependency (mergekit, peft, lm-eval) can swap it for
+	@# another build; mergekit 0.1.5 comes with the dev extra (pyproject.toml), its requirements all satisfied here
+	$(BIN)/pip install --quiet -e ".[dev]" torch==2.13.0
 
 venv: $(BIN)/bts
 

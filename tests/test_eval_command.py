@@ -67,10 +67,10 @@ def _err_line(capsys):
     return err[0]
 
 
-def test_help(capsys):
-    assert main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--harness" in out and "--tasks" in out
+def test_help(tmp_path, capsys):
+    # help wins over arguments that would fail, and touches nothing
+    assert main(["--help", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m.json")]) == 0
+    assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
 def test_suite_run_writes_metrics(model_dir, tmp_path, capsys):
@@ -90,6 +90,23 @@ def test_suite_run_writes_metrics(model_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert list(res["tasks"]) == ["math_em", "math_mc_acc", "humaneval_pass1"] and res["ppl"] == {}
     assert res["info"]["items"]["math_em"] == 3 and len(res["items"]["math_em"]["num"]) == 3
+
+
+def test_code_execution_refused_without_isolation(model_dir, tmp_path, capsys, monkeypatch):
+    """Where the sandbox cannot start, HumanEval is refused with one error line unless --allow-unsafe-exec."""
+    from bts.eval import sandbox
+
+    d, jsonl = model_dir
+    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "user namespaces are disabled")
+    out = tmp_path / "m.json"
+    argv = ["--model", str(d), "--data", str(jsonl), "--out", str(out), "--no-progress", *SMALL,
+            "--tasks", "humaneval_pass1"]
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert "user namespaces are disabled" in line and "--allow-unsafe-exec" in line and not out.exists()
+    assert main([*argv, "--allow-unsafe-exec"]) == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["info"]["config"]["allow_unsafe_exec"] is True and "humaneval_pass1" in res["tasks"]
 
 
 @pytest.mark.parametrize(

@@ -71,43 +71,50 @@ def test_math_exact_match():
         math_exact_match(["1"], [])
 
 
-# --- chrF / BLEU ---------------------------------------------------------------------------------------------
-def _chrf_by_hand(hyp: str, ref: str, n_order: int = 6, beta: float = 2.0) -> float:
-    """Independent implementation of torchmetrics' chrF: mean over orders 1..6 of the character n-gram F-beta
-    (whitespace removed; an order with no n-grams scores 0)."""
-    from collections import Counter
-
-    h, r = hyp.replace(" ", ""), ref.replace(" ", "")
-    total = 0.0
-    for n in range(1, n_order + 1):
-        hc = Counter(h[i:i + n] for i in range(len(h) - n + 1))
-        rc = Counter(r[i:i + n] for i in range(len(r) - n + 1))
-        match = sum((hc & rc).values())
-        p = match / sum(hc.values()) if hc else 0.0
-        rr = match / sum(rc.values()) if rc else 0.0
-        total += (1 + beta**2) * p * rr / (beta**2 * p + rr) if (p + rr) > 0 else 0.0
-    return 100.0 * total / n_order
+# --- chrF / BLEU (sacreBLEU) -----------------------------------------------------------------------------------
+# Corpus with short strings (below the 6-gram order), identical pairs, whitespace-only differences and no match.
+CORPUS = [
+    ("hello", "hello"),
+    ("abc", "abd"),
+    ("the cat sat", "the cat sat"),
+    ("the cat is on the mat", "a cat is on the mat"),
+    ("Opslaan item", "Opslaan"),
+    ("x", "yz"),
+    ("", "Goedemorgen"),
+    ("Hallo  wereld", "Hallo wereld!"),
+]
 
 
 def test_chrf_hand_computed():
-    # "abc" vs "abd": unigrams F=2/3, bigrams F=1/2, higher orders 0 -> (2/3 + 1/2) / 6 = 7/36
-    assert chrf(["abc"], ["abd"]) == pytest.approx(100 * 7 / 36, abs=1e-3)
-    assert chrf(["hello"], ["hello"]) == pytest.approx(100 * 5 / 6, abs=1e-3)  # no 6-grams in 5 chars
-    assert chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0, abs=1e-3)
-    for hyp, ref in [("the cat is on the mat", "a cat is on the mat"), ("Opslaan item", "Opslaan")]:
-        assert chrf([hyp], [ref]) == pytest.approx(_chrf_by_hand(hyp, ref), abs=1e-3)
+    # identical strings score 100 even when shorter than the 6-gram order (only orders with n-grams count)
+    assert chrf(["hello"], ["hello"]) == pytest.approx(100.0, abs=1e-9)
+    assert chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0, abs=1e-9)
+    # "abc" vs "abd": orders 1-3 have n-grams on both sides; P = R = (2/3 + 1/2 + 0) / 3 = 7/18, F2 = 7/18
+    assert chrf(["abc"], ["abd"]) == pytest.approx(100 * 7 / 18, abs=1e-9)
+    # "ab" vs "abc": order 1 P=1, R=2/3; order 2 P=1, R=1/2 -> P=1, R=7/12, F2 = 5PR / (4P + R)
+    p, r = 1.0, 7 / 12
+    assert chrf(["ab"], ["abc"]) == pytest.approx(100 * 5 * p * r / (4 * p + r), abs=1e-9)
+    assert chrf(["xyz"], ["abc"]) == 0.0
     assert chrf([], []) == 0.0
 
 
-def test_chrf_matches_torchmetrics_documented_value():
-    # torchmetrics' CHRFScore docstring: chrF++ (its default n_word_order=2) of this example is 0.8640
-    refs = [["there is a cat on the mat", "a cat is on the mat"]]
-    assert chrf(["the cat is on the mat"], refs, n_word_order=2) == pytest.approx(86.40, abs=0.005)
+def test_chrf_agrees_with_sacrebleu_sentence_scores_and_own_statistics():
+    """Three routes to the same numbers: sacreBLEU's corpus score (``chrf``), its sentence-level API on single
+    pairs, and this package's own n-gram statistics summed over the corpus (``chrf_from_statistics``)."""
+    import sacrebleu
+
+    for hyp, ref in CORPUS:
+        sentence = sacrebleu.sentence_chrf(hyp, [ref]).score
+        assert chrf([hyp], [ref]) == pytest.approx(sentence, abs=1e-6), (hyp, ref)
+        assert chrf_from_statistics(chrf_statistics([hyp], [ref])[0]) == pytest.approx(sentence, abs=1e-6)
+    hyps, refs = [h for h, _ in CORPUS], [r for _, r in CORPUS]
+    assert chrf_from_statistics(chrf_statistics(hyps, refs).sum(0)) == pytest.approx(chrf(hyps, refs), abs=1e-6)
+    # a corpus score is not the mean of sentence scores
+    mean_sentence = sum(sacrebleu.sentence_chrf(h, [r]).score for h, r in CORPUS) / len(CORPUS)
+    assert abs(chrf(hyps, refs) - mean_sentence) > 1.0
 
 
-def test_chrf_statistics_reproduce_the_corpus_score():
-    """Summed per-pair statistics give torchmetrics' corpus chrF (resampling pairs needs no n-gram recount),
-    including its rule that a pair without any match adds no reference n-grams."""
+def test_chrf_statistics_random_corpora():
     import random
 
     rng = random.Random(0)
@@ -118,15 +125,21 @@ def test_chrf_statistics_reproduce_the_corpus_score():
         refs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(n)]
         stats = chrf_statistics(preds, refs)
         assert stats.shape == (n, 6, 3)
-        assert chrf_from_statistics(stats.sum(0)) == pytest.approx(chrf(preds, refs), abs=1e-4), (preds, refs)
-    preds, refs = ["Hallo wereld", "", "xyz"], ["Hallo wereld!", "Goedemorgen", "abc"]
-    assert chrf_statistics(preds, refs)[1:, :, 2].sum() == 0  # no match: reference n-grams left out
-    assert chrf_from_statistics(chrf_statistics(preds, refs).sum(0)) == pytest.approx(chrf(preds, refs), abs=1e-4)
+        assert chrf_from_statistics(stats.sum(0)) == pytest.approx(chrf(preds, refs), abs=1e-6), (preds, refs)
 
 
-def test_bleu():
-    assert bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
-    assert bleu(["dog"], ["the cat is on the mat"]) == 0.0
+def test_bleu_hand_computed_and_sentence_api():
+    import sacrebleu
+
+    assert bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0, abs=1e-9)
+    # equal lengths (no brevity penalty); clipped n-gram precisions 5/6, 3/5, 2/4, 1/3 -> geometric mean
+    hyp, ref = "the cat sat on the mat", "the cat sat on a mat"
+    assert bleu([hyp], [ref]) == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+    sentence = sacrebleu.BLEU(effective_order=False)  # corpus BLEU does not use effective order
+    for h, r in CORPUS:
+        assert bleu([h], [r]) == pytest.approx(sentence.sentence_score(h, [r]).score, abs=1e-6), (h, r)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        bleu(["a", "b"], ["a"])
 
 
 # --- teacher-forced span exact match ----------------------------------------------------------------------------

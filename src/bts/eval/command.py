@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override an EvalConfig field, e.g. --set math_items=64 (repeatable)")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")
+    suite.add_argument("--allow-unsafe-exec", action="store_true",
+                       help="run HumanEval completions even where the code-execution sandbox is unavailable")
     h = p.add_argument_group("lm-eval harness (--harness)")
     h.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks instead of the suite")
     h.add_argument("--harness-tasks", help="comma-separated lm-eval task names (e.g. mmlu,gsm8k)")
@@ -150,6 +152,8 @@ def _run_suite(args) -> dict:
         overrides[k.strip()] = v
     if args.seed is not None:
         overrides["seed"] = str(args.seed)
+    if args.allow_unsafe_exec:
+        overrides["allow_unsafe_exec"] = "true"
     cfg = EvalConfig.from_overrides(overrides)
     resolve_tasks(args.tasks)  # validate names before loading anything
     data = _read_records(args.data) if args.data else None

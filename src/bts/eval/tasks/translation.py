@@ -37,7 +37,7 @@ LANG_NAMES = {
 TASKS = {
     "translation_s_chrf": TaskInfo(
         "translation", "multilingual", "Transl. S chrF",
-        "chrF (0-100, corpus-level, torchmetrics CHRFScore n_word_order=0) of greedy English->X translations, "
+        "chrF (0-100, corpus-level, sacrebleu.CHRF defaults) of greedy English->X translations, "
         "1-shot, X in {nl, es, pt, vi, id, hi, fr}, items stratified over languages (Flores 'S' analogue).",
         chance=0.0, scoring="generate",
     ),
