@@ -31,6 +31,21 @@ from bts.io import SPECIAL_CKPT_PATHS, BTSError, check_lightning_checkpoint
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+COMMAND_HELP = {
+    "reproduce": "the whole paper at laptop scale: one resumable pipeline from data to results/<profile>/",
+    "sweep": "an ablation grid over one Lightning config (configs/sweeps/<name>.yaml)",
+    "eval": "evaluate any model artifact with the BTS suite, or with lm-evaluation-harness (--harness)",
+    "data": "build or check the embedded corpus; optionally train the tokenizer",
+    "stitch-remove": "remove an expert from a trained BTS checkpoint (modularity, paper §4.2)",
+    "merge": "build a merging baseline (soup, task arithmetic, TIES, BTM) from seed and expert directories",
+    "gates": "gate analysis of a trained BTS checkpoint: which model the hub listens to, token by token",
+    "compare": "do a reproduction's numbers match the committed ones, and if not, which inputs differ?",
+    "ceiling": "the head-drift ceiling: can the hub's head read each expert's last hidden state?",
+}
+"""One line per project command for `bts --help`, so the help never imports the command modules (a command that
+is missing here, e.g. from another installed package, is listed by its entry point)."""
+
+
 def _commands() -> dict:
     return {ep.name: ep for ep in entry_points(group="bts.commands")}
 
@@ -40,12 +55,12 @@ def _usage() -> str:
         "usage: bts <command> [options]",
         "",
         "Lightning commands (see `bts fit --help`):",
-        "  fit | validate | test | predict   --config configs/<stage>/<profile>.yaml [--key.path value ...]",
+        "  fit | validate | test | predict   --config configs/<stage>/<profile>.yaml [--run_dir DIR] [--key.path value ...]",
         "",
         "Project commands (each has --help):",
     ]
     for name, ep in sorted(_commands().items()):
-        lines.append(f"  {name:<16} {ep.value}")
+        lines.append(f"  {name:<15} {COMMAND_HELP.get(name, ep.value)}")
     return "\n".join(lines)
 
 
@@ -194,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0]
     try:
         if cmd in LIGHTNING_SUBCOMMANDS:
+            from bts.config_check import precheck
+            from bts.run_dir import apply_run_dir
+
+            argv = apply_run_dir(argv)  # --run_dir DIR: run the path-resolved copy of the config
+            precheck(argv)  # before lightning, torch and the model classes are imported
             run_lightning(argv)
             return 0
         commands = _commands()

@@ -166,10 +166,10 @@ class Pipeline:
         self._mark("tokenizer", h, "done")
 
     def resolve_config(self, stage: StageSpec) -> Path:
-        """Copy the stage config with the run root rewritten to this run's directory."""
-        text = Path(stage.config).read_text()
-        root = self.runs.as_posix()
-        text = text.replace(f"{DEFAULT_RUN_ROOT}/", f"{root}/")
+        """Copy the stage config with the run root rewritten to this run's directory (as ``bts fit --run_dir``)."""
+        from bts.run_dir import relocate_text
+
+        text = relocate_text(Path(stage.config).read_text(), self.runs, root=DEFAULT_RUN_ROOT)
         out = self.runs / "configs" / f"{stage.name}.yaml"
         atomic_write_text(out, text)
         return out

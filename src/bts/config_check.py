@@ -1,0 +1,219 @@
+"""A fast first check of a Lightning command line (``bts fit|validate|test|predict``), before lightning, torch or
+the model classes are imported (which takes seconds): unknown keys, a GPU config on a machine without one, and
+output directories that cannot be written. Each problem is one ``BTSError`` line; anything this check cannot decide
+statically is left to the full parser, which runs next.
+
+Keys are checked against signatures read with ``ast`` from the source files, never imported:
+``lightning.pytorch.Trainer.__init__`` for ``trainer.*`` and the ``__init__`` of the ``class_path`` of ``model`` /
+``data`` for their ``init_args`` (a class whose ``__init__`` takes ``**kwargs``, or that cannot be found, is left
+to the full parser). The messages are the full parser's own, so a key error reads the same whichever check caught it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from bts.io import BTSError
+
+TOP_KEYS = {"config", "print_config", "seed_everything", "trainer", "model", "data", "ckpt_path", "weights_only",
+            "verbose", "return_predictions", "optimizer", "lr_scheduler"}
+GPU_ACCELERATORS = {"gpu", "cuda"}
+
+
+def parse_command_line(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """``(config paths, [(dotted key, value, as written)])`` of ``argv`` (subcommand first)."""
+    configs, overrides = [], []
+    i = 1
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            i += 1
+            continue
+        key, eq, value = tok[2:].partition("=")
+        shown = tok
+        if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, shown = argv[i + 1], f"{tok} {argv[i + 1]}"
+            i += 1
+        if key == "config":
+            configs.append(value)
+        else:
+            overrides.append((key, value, shown))
+        i += 1
+    return configs, overrides
+
+
+def _package_file(module: str) -> Path | None:
+    """The source file of ``module`` found from its top-level package's location (nothing is imported)."""
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin else None
+    for base in spec.submodule_search_locations or []:
+        p = Path(base, *rest)
+        for cand in (p.with_suffix(".py"), p / "__init__.py"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+@lru_cache(maxsize=64)
+def init_params(class_path: str, depth: int = 0) -> frozenset[str] | None:
+    """Names ``class_path``'s ``__init__`` accepts, or None when they cannot be read statically (not found, no own
+    ``__init__``, ``**kwargs``)."""
+    module, _, name = class_path.rpartition(".")
+    path = _package_file(module) if module else None
+    if path is None or depth > 2:
+        return None
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            if init is None or init.args.kwarg is not None:
+                return None
+            args = init.args
+            return frozenset(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            real = next(a.name for a in node.names if (a.asname or a.name) == name)
+            source = node.module or ""
+            if node.level:
+                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                source = f"{package}.{source}" if source else package
+            return init_params(f"{source}.{real}", depth + 1)
+    return None
+
+
+def _load_configs(paths: list[str]) -> dict:
+    import yaml
+
+    merged: dict = {}
+    for p in paths:
+        if not Path(p).is_file():
+            return {}  # the full parser names the missing file
+        try:
+            cfg = yaml.safe_load(Path(p).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            return {}
+        if not isinstance(cfg, dict):
+            return {}
+        for k, v in cfg.items():
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _unknown(subcommand: str, key: str) -> BTSError:
+    return BTSError(f"Subcommand '{subcommand}' does not accept option '{key}'")
+
+
+def _class_problem(section: str, class_path: str, key: str) -> BTSError:
+    return BTSError(f'Parser key "{section}": Problem with given class_path \'{class_path}\': Option \'{key}\' '
+                    "is not accepted")
+
+
+def check_keys(subcommand: str, cfg: dict, overrides: list[tuple[str, str, str]]) -> None:
+    trainer_keys = init_params("lightning.pytorch.trainer.trainer.Trainer")
+    for key in cfg:
+        if key not in TOP_KEYS and not key.startswith("__"):
+            raise _unknown(subcommand, key)
+    if trainer_keys and isinstance(cfg.get("trainer"), dict):
+        for key in cfg["trainer"]:
+            if key not in trainer_keys:
+                raise _unknown(subcommand, f"trainer.{key}")
+    cli_class = {k.split(".")[0] for k, _, _ in overrides if k in ("model", "data", "model.class_path",
+                                                                  "data.class_path")}
+    for section in ("model", "data"):
+        node = cfg.get(section)
+        if section in cli_class or not isinstance(node, dict) or not isinstance(node.get("class_path"), str):
+            continue
+        params = init_params(node["class_path"])
+        if params is None:
+            continue
+        for key in node.get("init_args") or {}:
+            if key not in params:
+                raise _class_problem(section, node["class_path"], key)
+        for key, _, _ in overrides:
+            parts = key.split(".")
+            if len(parts) >= 3 and parts[0] == section and parts[1] == "init_args" and parts[2] not in params:
+                raise _class_problem(section, node["class_path"], parts[2])
+    for key, _, shown in overrides:
+        parts = key.split(".")
+        if parts[0] not in TOP_KEYS:
+            raise BTSError(f"unrecognized arguments: {shown}")
+        if parts[0] == "trainer" and len(parts) == 2 and trainer_keys and parts[1] not in trainer_keys:
+            raise BTSError(f"unrecognized arguments: {shown}")
+
+
+def _value(cfg: dict, overrides: list[tuple[str, str, str]], dotted: str):
+    for key, value, _ in reversed(overrides):
+        if key == dotted:
+            return value
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def check_accelerator(cfg: dict, overrides: list[tuple[str, str, str]]) -> None:
+    accel = str(_value(cfg, overrides, "trainer.accelerator") or "").lower()
+    if accel not in GPU_ACCELERATORS:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BTSError(f"trainer.accelerator is '{accel}' but this machine has no CUDA device; to run this config on "
+                       "the CPU pass --trainer.accelerator cpu --trainer.devices 1 (and --trainer.precision 32-true if "
+                       "it sets a mixed precision)")
+
+
+def writable_target(path: str | os.PathLike, what: str) -> None:
+    """Refuse ``path`` (a directory to be created or written) when its nearest existing ancestor is not a
+    writable directory; nothing is created."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BTSError(f"cannot create output directory {path} ({what}): {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BTSError(f"output directory {probe} is not writable ({what}: {path})")
+
+
+def output_paths(cfg: dict, overrides: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """``[(what, path)]``: the directories a run writes (log, logger, checkpoint and artifact directories)."""
+    out = []
+    for dotted in ("trainer.default_root_dir", "trainer.logger.init_args.save_dir", "model.init_args.output_dir"):
+        v = _value(cfg, overrides, dotted)
+        if isinstance(v, str) and v and "://" not in v:
+            out.append((dotted, v))
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") if isinstance(cfg.get("trainer"), dict) else None
+    for cb in callbacks if isinstance(callbacks, list) else []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            d = (cb.get("init_args") or {}).get("dirpath")
+            if isinstance(d, str) and d:
+                out.append(("ModelCheckpoint dirpath", d))
+    return out
+
+
+def precheck(argv: list[str]) -> None:
+    """Check a Lightning command line (``argv[0]`` is the subcommand) before anything heavy is imported."""
+    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
+        return
+    configs, overrides = parse_command_line(argv)
+    cfg = _load_configs(configs)
+    check_keys(argv[0], cfg, overrides)
+    if argv[0] == "fit":
+        for what, path in output_paths(cfg, overrides):
+            writable_target(path, what)
+    check_accelerator(cfg, overrides)
