@@ -127,6 +127,9 @@ def _cli_classes():
                 cfg["weights_only"] = True
 
         def before_fit(self) -> None:
+            from bts.config_check import check_run_outputs
+
+            check_run_outputs(self.trainer, self.model)  # before fit writes anything: never lose a trained run
             self._before_run()
 
         def before_validate(self) -> None:
@@ -159,7 +162,7 @@ def run_lightning(args: list[str], run: bool = True):
     # `bts fit ...` passes its own argv as args=: Lightning's warning about args + sys.argv does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli_class, save_config = _cli_classes()
-    return cli_class(
+    cli = cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -173,6 +176,11 @@ def run_lightning(args: list[str], run: bool = True):
         args=args,
         run=run,
     )
+    if not run and cli.subcommand is None:  # run=False: the caller fits; check what the fit will write first
+        from bts.config_check import check_run_outputs
+
+        check_run_outputs(cli.trainer, cli.model)
+    return cli
 
 
 def one_line(message: str) -> str:

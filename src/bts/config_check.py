@@ -185,7 +185,7 @@ def writable_target(path: str | os.PathLike, what: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise BTSError(f"cannot create output directory {path} ({what}): {probe} is not a directory")
+        raise BTSError(f"cannot create output directory {path} ({what}): {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BTSError(f"output directory {probe} is not writable ({what}: {path})")
 
@@ -204,6 +204,24 @@ def output_paths(cfg: dict, overrides: list[tuple[str, str, str]]) -> list[tuple
             if isinstance(d, str) and d:
                 out.append(("ModelCheckpoint dirpath", d))
     return out
+
+
+def check_run_outputs(trainer, model=None) -> None:
+    """The same writability check on an instantiated run (``bts reproduce`` and ``bts sweep`` build their runs in
+    process): log, logger, checkpoint and artifact directories, before ``fit`` creates or writes any of them."""
+    targets = [("trainer.default_root_dir", trainer.default_root_dir)]
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir:
+            targets.append(("logger save_dir", save_dir))
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None):
+            targets.append(("ModelCheckpoint dirpath", cb.dirpath))
+    if getattr(model, "output_dir", None):
+        targets.append(("model.init_args.output_dir", model.output_dir))
+    for what, path in targets:
+        if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
+            writable_target(path, what)
 
 
 def precheck(argv: list[str]) -> None:

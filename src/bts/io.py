@@ -140,7 +140,9 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BTSError(f"cannot create output directory {path}: {e.strerror}") from None
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else e.strerror
+        raise BTSError(f"cannot create output directory {path}: {why}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise BTSError(f"output directory {path} is not writable")
     return path

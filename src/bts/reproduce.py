@@ -667,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise BTSError(f"--jobs must be >= 1 (got {args.jobs})")
     profile = load_profile(args.profile)
+    known = ["tokenizer", *(s.name for s in profile.stages)]
+    if set(args.force) - set(known):
+        raise BTSError(f"--force: unknown stage {min(set(args.force) - set(known))!r} (stages of profile "
+                       f"{profile.profile}: {', '.join(known)})")
     results_dir = ensure_writable_dir(profile.results_dir)
     ensure_writable_dir(profile.runs_dir)
     with exclusive_lock(Path(profile.runs_dir) / ".lock", f"run directory {profile.runs_dir}"):

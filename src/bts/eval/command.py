@@ -201,6 +201,7 @@ def _run_harness(args) -> dict:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise BTSError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    _load_tasks(tasks, tm)  # before the model: an uncached hub dataset is one line, not a model load later
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype),
                                           args.allow_changed_models)
     lm = BTSHarnessLM(model=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.max_length)
@@ -217,6 +218,33 @@ def _run_harness(args) -> dict:
     out = {k: res[k] for k in keep if k in res}
     out["model"] = str(args.model)
     return out
+
+
+HUB_UNREACHABLE = ("ConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "DatasetNotFoundError")
+
+
+def _load_tasks(tasks: list[str], tm) -> None:
+    """Load the lm-eval tasks (their datasets) once, with a clear line when a dataset is neither cached nor
+    reachable on the hub; ``simple_evaluate`` then reuses them through ``tm``."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        loaded = get_task_dict(tasks, tm)
+    except Exception as e:
+        chain, seen = [], e
+        while seen is not None and len(chain) < 8:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        if not any(type(x).__name__ in HUB_UNREACHABLE for x in chain):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(
+            f"lm-eval task(s) {', '.join(tasks)}: a dataset is not in the local cache and the hub cannot be reached "
+            f"({first}); run once with network access to cache it, or provide local task files: a task YAML with "
+            "dataset_path: json and dataset_kwargs.data_files pointing at your files, in a directory passed with "
+            "--include-path DIR"
+        ) from None
+    tm.load_task_or_group = lambda *_a, **_k: loaded
 
 
 def main(argv: list[str] | None = None) -> int:
