@@ -132,11 +132,33 @@ def _cli_classes():
             check_run_outputs(self.trainer, self.model)  # before fit writes anything: never lose a trained run
             self._before_run()
 
+        def _one_table(self) -> None:
+            # Lightning prints metrics logged at epoch end once per dataloader (one per domain): print them once
+            cfg = self.config_init[self.subcommand]
+            self._print_table = cfg.get("verbose", True) is not False
+            cfg["verbose"] = False
+
+        def _print_results(self, stage: str) -> None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                       if k.startswith(f"{stage}/") and v.numel() == 1}
+            if getattr(self, "_print_table", False) and metrics and self.trainer.is_global_zero:
+                width = max(len(k) for k in metrics)
+                print("\n".join([f"{'metric':<{width}}  value", *(f"{k:<{width}}  {v:.6g}"
+                                                                  for k, v in sorted(metrics.items()))]))
+
         def before_validate(self) -> None:
             self._before_run()
+            self._one_table()
+
+        def after_validate(self) -> None:
+            self._print_results("val")
 
         def before_test(self) -> None:
             self._before_run()
+            self._one_table()
+
+        def after_test(self) -> None:
+            self._print_results("test")
 
         def before_predict(self) -> None:
             self._before_run()
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             from bts.run_dir import apply_run_dir
 
             argv = apply_run_dir(argv)  # --run_dir DIR: run the path-resolved copy of the config
-            precheck(argv)  # before lightning, torch and the model classes are imported
+            argv = precheck(argv)  # before lightning, torch and the model classes are imported
             run_lightning(argv)
             return 0
         commands = _commands()

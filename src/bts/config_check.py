@@ -224,10 +224,43 @@ def check_run_outputs(trainer, model=None) -> None:
             writable_target(path, what)
 
 
-def precheck(argv: list[str]) -> None:
-    """Check a Lightning command line (``argv[0]`` is the subcommand) before anything heavy is imported."""
+EVALUATE_FROM = {"bts.lm.CausalLMModule": ("init_from", "config.json"),
+                 "bts.stitch_module.StitchModule": ("init_stitch_from", "bts.json")}
+"""Module class → (init argument that loads a trained artifact, file that marks one)."""
+
+
+def trained_target(argv: list[str], cfg: dict, overrides: list[tuple[str, str, str]]) -> list[str]:
+    """``bts validate|test`` of a stage config evaluates what the stage trained: without ``--ckpt_path`` or an explicit
+    ``init_from`` / ``init_stitch_from``, the trained artifact in ``output_dir`` is loaded (a note says so on stderr);
+    when it does not exist yet the run is refused, with what to pass. (Otherwise an expert config would evaluate its
+    starting point, the seed, and a seed or BTS config an untrained model.)"""
+    if argv[0] not in ("validate", "test") or _value(cfg, overrides, "ckpt_path"):
+        return argv
+    class_path = _value(cfg, overrides, "model.class_path")
+    if class_path not in EVALUATE_FROM:
+        return argv
+    key, marker = EVALUATE_FROM[class_path]
+    if any(k == f"model.init_args.{key}" for k, _, _ in overrides):
+        return argv
+    out = _value(cfg, overrides, "model.init_args.output_dir")
+    if isinstance(out, str) and (Path(out) / marker).is_file():
+        import sys
+
+        print(f"bts {argv[0]}: evaluating the trained model {out} (model.init_args.output_dir)", file=sys.stderr)
+        return [*argv, f"--model.init_args.{key}={out}"]
+    start = _value(cfg, overrides, "model.init_args.init_from")
+    what = (f"its starting point {start} (model.init_args.init_from)" if key == "init_from" and start
+            else "an untrained model")
+    raise BTSError(f"bts {argv[0]} of this config would evaluate {what}, and the trained model "
+                   f"{out or '(no model.init_args.output_dir)'} does not exist; train it first, or pass --ckpt_path "
+                   f"<Lightning checkpoint> or --model.init_args.{key} <trained model directory>")
+
+
+def precheck(argv: list[str]) -> list[str]:
+    """Check a Lightning command line (``argv[0]`` is the subcommand) before anything heavy is imported; returns it,
+    for ``validate``/``test``, pointed at the trained model (``trained_target``)."""
     if any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv):
-        return
+        return argv
     configs, overrides = parse_command_line(argv)
     cfg = _load_configs(configs)
     check_keys(argv[0], cfg, overrides)
@@ -235,3 +268,4 @@ def precheck(argv: list[str]) -> None:
         for what, path in output_paths(cfg, overrides):
             writable_target(path, what)
     check_accelerator(cfg, overrides)
+    return trained_target(argv, cfg, overrides)
