@@ -46,6 +46,9 @@ COMMAND_HELP = {
 is missing here, e.g. from another installed package, is listed by its entry point)."""
 
 
+MODEL_COMMANDS = ("reproduce", "sweep", "eval", "merge", "gates", "stitch-remove", "ceiling")
+
+
 def _commands() -> dict:
     return {ep.name: ep for ep in entry_points(group="bts.commands")}
 
@@ -181,6 +184,9 @@ def run_lightning(args: list[str], run: bool = True):
 
     import lightning as L
 
+    from bts.quiet import install, progress_wanted
+
+    install(progress=progress_wanted(args))
     # `bts fit ...` passes its own argv as args=: Lightning's warning about args + sys.argv does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli_class, save_config = _cli_classes()
@@ -250,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if cmd not in commands:
             print(f"error: unknown command '{cmd}'\n\n{_usage()}", file=sys.stderr)
             return 2
+        if cmd in MODEL_COMMANDS:  # they load models anyway: no Lightning tips, no weight-loading bars
+            from bts.quiet import install
+
+            install(progress="--no-progress" not in argv)
         return int(commands[cmd].load()(argv[1:]) or 0)
     except BTSError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
