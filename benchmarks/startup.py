@@ -14,9 +14,10 @@ Cases:
 * ``bts --help``: the command table (no command module imported);
 * a config-key error: ``bts fit --config configs/bts/tiny.yaml --trainer.max_stepz 3`` (unknown Trainer key, caught
   by ``bts.config_check`` before lightning/torch/the model classes are imported);
-* an unknown ``init_args`` key: ``--model.init_args.bogus 1`` (same check, read from the module's source);
-* for comparison, a key error only the full parser sees (``--model.init_args.stitch.bogus 1``, a nested key): the
-  cost of importing lightning, transformers and the model class before parsing.
+* an unknown ``init_args`` key: ``--model.init_args.bogus 1`` (same check, read from the module's source), and a
+  nested one, ``--model.init_args.stitch.bogus 1`` (a field of the ``StitchConfig`` dataclass);
+* for comparison, a bad value only the full parser sees (``--trainer.max_steps abc``): the cost of importing
+  lightning, transformers and the model class before parsing.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ CASES = [
     ("config-key error (trainer key)", [BTS, "fit", "--config", CONFIG, "--trainer.max_stepz", "3"], 2, 3.0),
     ("config-key error (model init_args key)", [BTS, "fit", "--config", CONFIG, "--model.init_args.bogus", "1"], 2,
      3.0),
-    ("nested key error (full parser, for comparison)",
-     [BTS, "fit", "--config", CONFIG, "--model.init_args.stitch.bogus", "1"], 2, None),
+    ("config-key error (nested dataclass key)",
+     [BTS, "fit", "--config", CONFIG, "--model.init_args.stitch.bogus", "1"], 2, 3.0),
+    ("bad value (full parser, for comparison)", [BTS, "fit", "--config", CONFIG, "--trainer.max_steps", "abc"], 2,
+     None),
 ]
 
 

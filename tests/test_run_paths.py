@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -27,6 +29,20 @@ def test_help_describes_every_command_in_one_line(capsys):
         assert ep.name in COMMAND_HELP
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(ep.name + " "))
         assert COMMAND_HELP[ep.name] in line and ":main" not in line
+
+
+@pytest.mark.parametrize("key, expect", [
+    ("--trainer.max_stepz", "unrecognized arguments: --trainer.max_stepz 3"),
+    ("--model.init_args.bogus", "Problem with given class_path 'bts.stitch_module.StitchModule': Option 'bogus'"),
+    ("--model.init_args.stitch.bogus", "Problem with given class_path 'bts.model.StitchConfig': Option 'bogus'"),
+])
+def test_key_errors_are_found_before_lightning_or_torch_is_imported(key, expect):
+    code = ("import sys; from bts.cli import main; rc = main(['fit', '--config', 'configs/bts/tiny.yaml', "
+            f"'{key}', '3']); print(rc, 'lightning' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
+    assert expect in done.stderr
 
 
 @pytest.mark.parametrize("config", ["configs/bts/tiny.yaml", "configs/experts/tiny_math.yaml",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,10 +66,19 @@ def _package_file(module: str) -> Path | None:
     return None
 
 
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    source = node.module or ""
+    if not node.level:
+        return source
+    package = module if is_package else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{source}" if source else package
+
+
 @lru_cache(maxsize=64)
-def init_params(class_path: str, depth: int = 0) -> frozenset[str] | None:
-    """Names ``class_path``'s ``__init__`` accepts, or None when they cannot be read statically (not found, no own
-    ``__init__``, ``**kwargs``)."""
+def find_class(class_path: str, depth: int = 0) -> tuple[ast.ClassDef, str, ast.Module] | None:
+    """``(class node, module, module tree)`` of ``class_path``, following ``from ... import`` re-exports."""
     module, _, name = class_path.rpartition(".")
     path = _package_file(module) if module else None
     if path is None or depth > 2:
@@ -76,20 +86,54 @@ def init_params(class_path: str, depth: int = 0) -> frozenset[str] | None:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
-            init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
-            if init is None or init.args.kwarg is not None:
-                return None
-            args = init.args
-            return frozenset(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
+            return node, module, tree
         if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
             real = next(a.name for a in node.names if (a.asname or a.name) == name)
-            source = node.module or ""
-            if node.level:
-                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-                for _ in range(node.level - 1):
-                    package = package.rpartition(".")[0]
-                source = f"{package}.{source}" if source else package
-            return init_params(f"{source}.{real}", depth + 1)
+            return find_class(f"{_absolute(module, path.name == '__init__.py', node)}.{real}", depth + 1)
+    return None
+
+
+def _init(class_path: str) -> ast.FunctionDef | None:
+    found = find_class(class_path)
+    if found is None:
+        return None
+    return next((n for n in found[0].body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+
+
+def init_params(class_path: str) -> frozenset[str] | None:
+    """Names ``class_path``'s ``__init__`` accepts, or None when they cannot be read statically (not found, no own
+    ``__init__``, ``**kwargs``)."""
+    init = _init(class_path)
+    if init is None or init.args.kwarg is not None:
+        return None
+    args = init.args
+    return frozenset(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
+
+
+def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] | None:
+    """``(class path, fields)`` of the dataclass that ``param`` of ``class_path.__init__`` is annotated with
+    (e.g. ``stitch: StitchConfig | None``), or None."""
+    init, found = _init(class_path), find_class(class_path)
+    arg = next((a for a in (init.args.args + init.args.kwonlyargs) if a.arg == param), None) if init else None
+    if arg is None or arg.annotation is None:
+        return None
+    _, module, tree = found
+    names = {n.id for n in ast.walk(arg.annotation) if isinstance(n, ast.Name)}
+    if isinstance(arg.annotation, ast.Constant) and isinstance(arg.annotation.value, str):
+        names |= set(re.findall(r"[A-Za-z_]\w*", arg.annotation.value))
+    for node in tree.body:
+        targets = []
+        if isinstance(node, ast.ClassDef) and node.name in names:
+            targets = [f"{module}.{node.name}"]
+        elif isinstance(node, ast.ImportFrom):
+            is_pkg = (_package_file(module) or Path()).name == "__init__.py"
+            targets = [f"{_absolute(module, is_pkg, node)}.{a.name}" for a in node.names
+                       if (a.asname or a.name) in names]
+        for target in targets:
+            cls = find_class(target)
+            if cls and any("dataclass" in ast.dump(d) for d in cls[0].decorator_list):
+                return target, frozenset(n.target.id for n in cls[0].body
+                                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
     return None
 
 
@@ -138,13 +182,24 @@ def check_keys(subcommand: str, cfg: dict, overrides: list[tuple[str, str, str]]
         params = init_params(node["class_path"])
         if params is None:
             continue
-        for key in node.get("init_args") or {}:
+        init_args = node.get("init_args") or {}
+        for key in init_args:
             if key not in params:
                 raise _class_problem(section, node["class_path"], key)
+        nested = [(k, list(v)) for k, v in init_args.items() if isinstance(v, dict)]
         for key, _, _ in overrides:
             parts = key.split(".")
             if len(parts) >= 3 and parts[0] == section and parts[1] == "init_args" and parts[2] not in params:
                 raise _class_problem(section, node["class_path"], parts[2])
+            if len(parts) == 4 and parts[0] == section and parts[1] == "init_args":
+                nested.append((parts[2], [parts[3]]))
+        for param, keys in nested:
+            found = dataclass_param(node["class_path"], param)
+            bad = [k for k in keys if found and k not in found[1]]
+            if bad:
+                raise BTSError(f'Parser key "{section}": Problem with given class_path \'{node["class_path"]}\': Parser '
+                               f'key "{param}": Problem with given class_path \'{found[0]}\': Option \'{bad[0]}\' is '
+                               "not accepted")
     for key, _, shown in overrides:
         parts = key.split(".")
         if parts[0] not in TOP_KEYS:
