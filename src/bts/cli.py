@@ -5,6 +5,11 @@ named by ``class_path`` in the config. The project's own subcommands (`bts repro
 ...) are entry points in the ``bts.commands`` group (see pyproject.toml), so the core package never imports
 the baselines package, and each command is a plain ``main(argv) -> int``.
 
+Before any of that is imported, ``bts.run_dir`` applies ``--run_dir DIR`` (every path under the config's run root
+moved under DIR) and ``bts.config_check`` checks keys, output directories and the accelerator, and points
+``validate``/``test`` at the trained model; ``bts --help`` lists the commands from ``COMMAND_HELP`` without importing
+them.
+
 Errors the user can fix are printed as ONE line ``error: ...`` on stderr with exit status 2, never a traceback:
 ``BTSError`` (also when Lightning or jsonargparse raised it from inside a hook or a constructor and it arrives as
 the cause/context of another exception) and parser errors (unknown config key, bad value: the parser runs with

@@ -5,8 +5,9 @@ statically is left to the full parser, which runs next.
 
 Keys are checked against signatures read with ``ast`` from the source files, never imported:
 ``lightning.pytorch.Trainer.__init__`` for ``trainer.*`` and the ``__init__`` of the ``class_path`` of ``model`` /
-``data`` for their ``init_args`` (a class whose ``__init__`` takes ``**kwargs``, or that cannot be found, is left
-to the full parser). The messages are the full parser's own, so a key error reads the same whichever check caught it.
+``data`` for their ``init_args``, and the fields of a dataclass an init argument is annotated with
+(``stitch: StitchConfig``) for nested keys (a class whose ``__init__`` takes ``**kwargs``, or that cannot be found,
+is left to the full parser). Values (types, ranges) are left to the full parser. The messages are the full parser's own, so a key error reads the same whichever check caught it.
 """
 
 from __future__ import annotations
