@@ -152,6 +152,7 @@ class StitchModule(LMTrainingModule):
         return counts
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.vocab_size, "the stitched models'")
 
