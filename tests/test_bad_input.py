@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import lightning  # noqa: F401  (imported here so its log handler binds to the session's stderr, not a test's capsys)
 import numpy as np
@@ -16,6 +17,8 @@ import yaml
 
 import tiny_fit as tf
 from bts.cli import main as bts_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +230,7 @@ def test_unwritable_output_directory(tmp_path, env, capsys):
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         line = _run(tmp_path, env, capsys, model={"output_dir": str(ro / "out")})
-        assert line == f"error: output directory {ro} is not writable"
+        assert line.startswith(f"error: output directory {ro} is not writable")
 
 
 def test_non_finite_training_loss_is_one_line(tmp_path, env, capsys):
@@ -249,3 +252,119 @@ def test_results_dir_of_another_profile(tmp_path, capsys):
                 "another results_dir or pass --force-results to overwrite them")
     assert rc == 2 and [ln for ln in err.splitlines() if ln.startswith("error:")] == [expected]
     assert json.loads((tmp_path / "results" / "metrics.json").read_text()) == {"profile": "tiny"}
+
+
+# ------------------------------------------------------------------- run paths, checked before training
+@pytest.mark.parametrize("where", ["default_root_dir", "logger", "checkpoint"])
+def test_unwritable_log_or_checkpoint_directory_is_refused_before_training(tmp_path, env, capsys, where):
+    (tmp_path / "file").write_text("a file, not a directory")
+    bad = str(tmp_path / "file" / "sub")
+
+    def point(cfg):
+        if where == "default_root_dir":
+            cfg["trainer"]["default_root_dir"] = bad
+        elif where == "logger":
+            cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                        "init_args": {"save_dir": bad, "name": "x"}}
+        else:
+            cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = bad
+
+    line = _run(tmp_path, env, capsys, raw=point)
+    assert line.startswith(f"error: cannot create output directory {bad}") and "is a file, not a directory" in line
+    assert not (tmp_path / "logs").exists()  # nothing of the run was started
+
+
+def test_in_process_runs_check_their_paths_before_fit(tmp_path, env):
+    """`bts reproduce` / `bts sweep` build the run with run_lightning(run=False) and fit it themselves."""
+    from bts.cli import run_lightning
+    from bts.io import BTSError
+
+    (tmp_path / "file").write_text("x")
+    cfg = {"seed_everything": 0, "trainer": tf.trainer_config(tmp_path),
+           "model": {"class_path": "bts.stitch_module.StitchModule",
+                     "init_args": {"hub": str(env["models"]["seed"]), "experts": _models(env, "code"),
+                                   "stitch": {"num_stitch_layers": 2}}},
+           "data": tf.data_config(tmp_path, env["tok"], env["sources"])}
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "init_args": {"dirpath": str(tmp_path / "file" / "ckpt")}}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(BTSError, match="ModelCheckpoint dirpath"):
+        run_lightning(["--config", str(path)], run=False)
+
+
+def test_gpu_config_on_a_cpu_machine_names_the_override(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bts_main(["fit", "--config", str(ROOT / "configs/bts/scale/qwen2p5_1p5b.yaml")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.accelerator is 'gpu' but this machine has no CUDA")
+    assert "--trainer.accelerator cpu" in lines[0]
+
+
+# ------------------------------------------------------------------------- commands' output paths
+def _rc(argv: list[str]) -> int:
+    try:
+        return bts_main(argv)
+    except SystemExit as e:  # bts stitch-remove exits itself
+        return e.code
+
+
+def _one_error(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_missing_parents_are_created_and_a_file_in_the_way_is_one_line(tmp_path, env, capsys):
+    from bts.model import StitchedLM
+    from bts.stitch_checkpoint import save_stitched
+
+    m = env["models"]
+    merge = ["merge", "--method", "soup", "--seed", str(m["seed"]), "--experts", str(m["code"]), "--out"]
+    assert bts_main([*merge, str(tmp_path / "a" / "b" / "soup")]) == 0
+    assert (tmp_path / "a" / "b" / "soup" / "config.json").is_file()
+    ckpt = save_stitched(StitchedLM.from_pretrained_dirs(m["seed"], [m["code"], m["math"]], num_stitch_layers=2),
+                         tmp_path / "bts")
+    remove = ["stitch-remove", "--ckpt", str(ckpt), "--expert", "code", "--out"]
+    assert _rc([*remove, str(tmp_path / "c" / "d" / "x")]) == 0
+    (tmp_path / "file").write_text("x")
+    cache = tmp_path / "fresh_cache"
+    for argv in ([*merge, str(tmp_path / "file" / "soup")], [*remove, str(tmp_path / "file" / "x")],
+                 ["data", "--cache-dir", str(cache), "--tokenizer", str(tmp_path / "file" / "tok")]):
+        capsys.readouterr()
+        assert _rc(argv) == 2
+        assert "is a file, not a directory" in _one_error(capsys)
+    assert not cache.exists()  # refused before the corpus was built
+
+
+def test_unknown_force_stage_lists_the_known_ones(capsys):
+    profile = ROOT / "configs/reproduce/smoke.yaml"
+    assert bts_main(["reproduce", "--profile", str(profile), "--force", "sed"]) == 2
+    line = _one_error(capsys)
+    assert line.startswith("error: --force: unknown stage 'sed' (stages of profile smoke: tokenizer, seed,")
+
+
+def test_harness_task_with_an_uncached_hub_dataset(tmp_path, env, capsys, monkeypatch):
+    import datasets.config as ds_config
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if hasattr(ds_config, name):
+            monkeypatch.setattr(ds_config, name, True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(
+        "task: bts_uncached\ndataset_path: bts-nobody/not-cached\ntest_split: test\ndataset_kwargs:\n"
+        f"  cache_dir: {tmp_path / 'hf'}\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    model = tmp_path / "m"
+    shutil.copytree(env["models"]["seed"], model)
+    shutil.copytree(env["tok"], model, dirs_exist_ok=True)
+    rc = bts_main(["eval", "--harness", "--model", str(model), "--harness-tasks", "bts_uncached",
+                   "--include-path", str(tasks), "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "is not in the local cache and the hub cannot be reached" in lines[0] and "--include-path" in lines[0]
+    assert not (tmp_path / "r.json").exists()

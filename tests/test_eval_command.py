@@ -113,7 +113,8 @@ def test_code_execution_refused_without_isolation(model_dir, tmp_path, capsys, m
     "argv, msg",
     [
         ([], "required"),
-        (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
+        (["--model", "/nonexistent/model"],
+         "no model artifact at /nonexistent/model: expected a Hugging Face model directory"),
         (["--model", "{d}", "--tasks", "ppl,mmlu"], "unknown task 'mmlu'"),
         (["--model", "{d}", "--set", "nope=1"], "unknown EvalConfig field"),
         (["--model", "{d}", "--set", "math_items"], "KEY=VALUE"),

@@ -5,6 +5,11 @@ named by ``class_path`` in the config. The project's own subcommands (`bts repro
 ...) are entry points in the ``bts.commands`` group (see pyproject.toml), so the core package never imports
 the baselines package, and each command is a plain ``main(argv) -> int``.
 
+Before any of that is imported, ``bts.run_dir`` applies ``--run_dir DIR`` (every path under the config's run root
+moved under DIR) and ``bts.config_check`` checks keys, output directories and the accelerator, and points
+``validate``/``test`` at the trained model; ``bts --help`` lists the commands from ``COMMAND_HELP`` without importing
+them.
+
 Errors the user can fix are printed as ONE line ``error: ...`` on stderr with exit status 2, never a traceback:
 ``BTSError`` (also when Lightning or jsonargparse raised it from inside a hook or a constructor and it arrives as
 the cause/context of another exception) and parser errors (unknown config key, bad value: the parser runs with
@@ -31,6 +36,24 @@ from bts.io import SPECIAL_CKPT_PATHS, BTSError, check_lightning_checkpoint
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+COMMAND_HELP = {
+    "reproduce": "the whole paper at laptop scale: one resumable pipeline from data to results/<profile>/",
+    "sweep": "an ablation grid over one Lightning config (configs/sweeps/<name>.yaml)",
+    "eval": "evaluate any model artifact with the BTS suite, or with lm-evaluation-harness (--harness)",
+    "data": "build or check the embedded corpus; optionally train the tokenizer",
+    "stitch-remove": "remove an expert from a trained BTS checkpoint (modularity, paper §4.2)",
+    "merge": "build a merging baseline (soup, task arithmetic, TIES, BTM) from seed and expert directories",
+    "gates": "gate analysis of a trained BTS checkpoint: which model the hub listens to, token by token",
+    "compare": "do a reproduction's numbers match the committed ones, and if not, which inputs differ?",
+    "ceiling": "the head-drift ceiling: can the hub's head read each expert's last hidden state?",
+}
+"""One line per project command for `bts --help`, so the help never imports the command modules (a command that
+is missing here, e.g. from another installed package, is listed by its entry point)."""
+
+
+MODEL_COMMANDS = ("reproduce", "sweep", "eval", "merge", "gates", "stitch-remove", "ceiling")
+
+
 def _commands() -> dict:
     return {ep.name: ep for ep in entry_points(group="bts.commands")}
 
@@ -40,12 +63,12 @@ def _usage() -> str:
         "usage: bts <command> [options]",
         "",
         "Lightning commands (see `bts fit --help`):",
-        "  fit | validate | test | predict   --config configs/<stage>/<profile>.yaml [--key.path value ...]",
+        "  fit | validate | test | predict   --config configs/<stage>/<profile>.yaml [--run_dir DIR] [--key.path value ...]",
         "",
         "Project commands (each has --help):",
     ]
     for name, ep in sorted(_commands().items()):
-        lines.append(f"  {name:<16} {ep.value}")
+        lines.append(f"  {name:<15} {COMMAND_HELP.get(name, ep.value)}")
     return "\n".join(lines)
 
 
@@ -112,13 +135,38 @@ def _cli_classes():
                 cfg["weights_only"] = True
 
         def before_fit(self) -> None:
+            from bts.config_check import check_run_outputs
+
+            check_run_outputs(self.trainer, self.model)  # before fit writes anything: never lose a trained run
             self._before_run()
+
+        def _one_table(self) -> None:
+            # Lightning prints metrics logged at epoch end once per dataloader (one per domain): print them once
+            cfg = self.config_init[self.subcommand]
+            self._print_table = cfg.get("verbose", True) is not False
+            cfg["verbose"] = False
+
+        def _print_results(self, stage: str) -> None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                       if k.startswith(f"{stage}/") and v.numel() == 1}
+            if getattr(self, "_print_table", False) and metrics and self.trainer.is_global_zero:
+                width = max(len(k) for k in metrics)
+                print("\n".join([f"{'metric':<{width}}  value", *(f"{k:<{width}}  {v:.6g}"
+                                                                  for k, v in sorted(metrics.items()))]))
 
         def before_validate(self) -> None:
             self._before_run()
+            self._one_table()
+
+        def after_validate(self) -> None:
+            self._print_results("val")
 
         def before_test(self) -> None:
             self._before_run()
+            self._one_table()
+
+        def after_test(self) -> None:
+            self._print_results("test")
 
         def before_predict(self) -> None:
             self._before_run()
@@ -141,10 +189,13 @@ def run_lightning(args: list[str], run: bool = True):
 
     import lightning as L
 
+    from bts.quiet import install, progress_wanted
+
+    install(progress=progress_wanted(args))
     # `bts fit ...` passes its own argv as args=: Lightning's warning about args + sys.argv does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli_class, save_config = _cli_classes()
-    return cli_class(
+    cli = cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -158,6 +209,11 @@ def run_lightning(args: list[str], run: bool = True):
         args=args,
         run=run,
     )
+    if not run and cli.subcommand is None:  # run=False: the caller fits; check what the fit will write first
+        from bts.config_check import check_run_outputs
+
+        check_run_outputs(cli.trainer, cli.model)
+    return cli
 
 
 def one_line(message: str) -> str:
@@ -194,12 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0]
     try:
         if cmd in LIGHTNING_SUBCOMMANDS:
+            from bts.config_check import precheck
+            from bts.run_dir import apply_run_dir
+
+            argv = apply_run_dir(argv)  # --run_dir DIR: run the path-resolved copy of the config
+            argv = precheck(argv)  # before lightning, torch and the model classes are imported
             run_lightning(argv)
             return 0
         commands = _commands()
         if cmd not in commands:
             print(f"error: unknown command '{cmd}'\n\n{_usage()}", file=sys.stderr)
             return 2
+        if cmd in MODEL_COMMANDS:  # they load models anyway: no Lightning tips, no weight-loading bars
+            from bts.quiet import install
+
+            install(progress="--no-progress" not in argv)
         return int(commands[cmd].load()(argv[1:]) or 0)
     except BTSError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -521,11 +521,17 @@ def _load_model(ckpt_or_model, device: str | None, allow_changed_models: bool):
         return ckpt_or_model, None
     if not isinstance(ckpt_or_model, (str, os.PathLike)):
         raise BTSError(f"expected a StitchedLM or a stitch checkpoint directory, got {type(ckpt_or_model).__name__}")
+    from bts.eval.loading import artifact_kind
     from bts.stitch_checkpoint import load_stitched
 
     ckpt = Path(ckpt_or_model)
     if not ckpt.is_dir():
         raise BTSError(f"stitch checkpoint directory not found: {ckpt}")
+    kind = artifact_kind(ckpt)
+    if kind != "bts":
+        what = "a Hugging Face model directory" if kind == "hf" else f"a {kind!r} artifact"
+        raise BTSError(f"{ckpt} is {what}: gate analysis needs a BTS stitch checkpoint (artifact.json kind 'bts', "
+                       "e.g. runs/<profile>/bts); evaluate other artifacts with bts eval --model DIR")
     model = load_stitched(ckpt, allow_changed_models=allow_changed_models)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), str(ckpt)
@@ -650,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gate analysis of a trained BTS model (paper §4.3): per-token E2H gate weights on prompts of "
         "each domain and on context-switching prompts; writes <out>/gates.json and <out>/figures/gates_*.png.",
     )
-    p.add_argument("--ckpt", required=True, help="trained stitch checkpoint directory (bts.json + stitch.safetensors)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
+                   help="trained stitch checkpoint directory (artifact.json kind 'bts', bts.json + stitch.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --ckpt, which holds the training tokenizer)")
     p.add_argument("--out", required=True, help="results directory (gates.json, figures/)")
     p.add_argument("--tensorboard", metavar="DIR", help="also write the figures and mean gates to TensorBoard")
     p.add_argument("--n-prompts", type=int, default=8, help="prompts per domain (default: %(default)s)")
@@ -675,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-        result = analyze(args.ckpt, args.tokenizer, args.out, n_prompts=args.n_prompts, seed=args.seed,
+        result = analyze(args.ckpt, args.tokenizer or args.ckpt, args.out, n_prompts=args.n_prompts, seed=args.seed,
                          cache_dir=args.cache_dir, tb_log_dir=args.tensorboard, max_tokens=args.max_tokens,
                          n_switch=args.n_switch, domains=domains, device=args.device,
                          allow_changed_models=args.allow_changed_models)

@@ -1,7 +1,9 @@
 """Atomic file output and content hashing shared by every stage.
 
 Every artifact is written to a temporary file in the destination directory and renamed into place, so a
-run killed at any point leaves either the old file or the new one, never a partial one.
+run killed at any point leaves either the old file or the new one, never a partial one. ``mkstemp``/``mkdtemp``
+create them private (0600/0700); once complete they get the modes a plain ``open``/``mkdir`` would give under the
+process umask (0644/0755 under umask 022), so colleagues on shared storage can read the artifacts.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `bts --help` and config errors stay fast
+    import torch
 
 
 class BTSError(Exception):
@@ -33,6 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as e:
         _raise_if_disk_full(e, path)
@@ -59,6 +65,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        share_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -73,6 +80,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes of normally created files and directories under the umask
+    (writers such as safetensors and mkdtemp create them private); executables keep their x bits."""
+    umask = current_umask()
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if os.stat(p).st_mode & 0o100 else 0o666) & ~umask)
 
 
 def _raise_if_disk_full(e: OSError, path: Path) -> None:
@@ -112,7 +140,9 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BTSError(f"cannot create output directory {path}: {e.strerror}") from None
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else e.strerror
+        raise BTSError(f"cannot create output directory {path}: {why}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise BTSError(f"output directory {path} is not writable")
     return path
@@ -132,6 +162,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and raw bytes (bit-exact identity of a weight)."""
+    import torch
+
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -162,6 +194,8 @@ def check_lightning_checkpoint(path: str | os.PathLike) -> None:
 
     Sharded checkpoints (directories, e.g. FSDP/DeepSpeed) are left to Lightning."""
     import pickle
+
+    import torch
 
     path = Path(path)
     if path.is_dir():

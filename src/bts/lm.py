@@ -118,6 +118,21 @@ class LMTrainingModule(L.LightningModule):
         self._tokens_seen += input_ids.numel()
         return loss
 
+    def setup(self, stage: str) -> None:
+        """Train mode for what trains, before the model summary and fit (subclasses call ``super().setup``):
+        Hugging Face models load in eval mode and Lightning keeps each module's mode, so without this a loaded model
+        would continue pretraining with its dropout off. Frozen parts stay in eval mode (the models' ``train``
+        overrides keep them there); Lightning's warning about modules in eval mode is silenced only when every such
+        module is frozen on purpose."""
+        if stage != "fit":
+            return
+        self.train()
+        left = [m for m in self.modules() if not m.training]
+        if left and not any(p.requires_grad for m in left for p in m.parameters(recurse=False)):
+            import warnings
+
+            warnings.filterwarnings("ignore", message=rf"Found {len(left)} module\(s\) in eval mode at the start")
+
     def on_train_batch_start(self, batch, batch_idx):
         seed = hash_seed(self._rng_base_seed, self.global_step, batch_idx, self.global_rank)
         torch.manual_seed(seed)
@@ -295,6 +310,7 @@ class CausalLMModule(LMTrainingModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.config.vocab_size, "model")
 

@@ -142,6 +142,12 @@ class GateRecorder:
         self._chunks = [[] for _ in self.stitch_indices]
 
 
+def default_expert_names(dirs: Sequence[str | Path]) -> list[str]:
+    """The experts' names when none are given: their directory names without a leading ``expert_``
+    (``runs/tiny/expert_code`` → ``code``; ``/models/Qwen2.5-Math-1.5B`` → ``Qwen2.5-Math-1.5B``)."""
+    return [Path(d).name.removeprefix("expert_") or Path(d).name for d in dirs]
+
+
 class StitchedLM(nn.Module):
     """Hub + ``n`` experts + ``K`` stitch layers, behind the ``LanguageModel`` interface.
 
@@ -171,7 +177,8 @@ class StitchedLM(nn.Module):
         models = [hub, *experts]
         names = [hub_name or "hub", *(expert_names or [f"expert{i}" for i in range(1, len(experts) + 1)])]
         if len(names) != len(models):
-            raise BTSError(f"got {len(experts)} experts but {len(names) - 1} expert names")
+            raise BTSError(f"got {len(experts)} experts but {len(names) - 1} expert_names; give one name per expert, "
+                           "or leave expert_names out")
         if len(set(names)) != len(names):
             raise BTSError(f"model names must be unique, got {names}")
         for i, m in enumerate(models):
@@ -246,7 +253,8 @@ class StitchedLM(nn.Module):
     ) -> StitchedLM:
         """Load the hub and experts from Hugging Face directories; ``stitch_cfg`` are ``StitchConfig`` fields.
 
-        Names default to the directory names (``runs/tiny/expert_code`` → ``expert_code``).
+        Names default to the directory names, without a leading ``expert_`` for the experts
+        (``default_expert_names``: ``runs/tiny/expert_code`` → ``code``, the domain).
         """
         if config is not None and stitch_cfg:
             raise BTSError("pass either config= or StitchConfig fields, not both")
@@ -254,6 +262,10 @@ class StitchedLM(nn.Module):
         dirs = [Path(hub_dir), *[Path(d) for d in expert_dirs]]
         if len(dirs) < 2:
             raise BTSError("BTS needs at least one expert directory besides the hub")
+        if expert_names and len(expert_names) != len(dirs) - 1:
+            raise BTSError(f"expert_names has {len(expert_names)} names ({', '.join(expert_names)}) but experts has "
+                           f"{len(dirs) - 1} directories; give one name per expert, or leave expert_names out to name "
+                           "the experts after their directories")
         resolved = [d.resolve() for d in dirs]
         for i, r in enumerate(resolved):
             if r in resolved[:i]:
@@ -264,7 +276,7 @@ class StitchedLM(nn.Module):
             models[1:],
             config,
             hub_name=hub_name or dirs[0].name,
-            expert_names=list(expert_names) if expert_names else [d.name for d in dirs[1:]],
+            expert_names=list(expert_names) if expert_names else default_expert_names(dirs[1:]),
             sources=[str(d) for d in dirs],
         )
 

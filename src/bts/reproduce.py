@@ -192,10 +192,10 @@ class Pipeline:
         self._mark("tokenizer", h, "done")
 
     def resolve_config(self, stage: StageSpec) -> Path:
-        """Copy the stage config with the run root rewritten to this run's directory."""
-        text = Path(stage.config).read_text()
-        root = self.runs.as_posix()
-        text = text.replace(f"{DEFAULT_RUN_ROOT}/", f"{root}/")
+        """Copy the stage config with the run root rewritten to this run's directory (as ``bts fit --run_dir``)."""
+        from bts.run_dir import relocate_text
+
+        text = relocate_text(Path(stage.config).read_text(), self.runs, root=DEFAULT_RUN_ROOT)
         out = self.runs / "configs" / f"{stage.name}.yaml"
         atomic_write_text(out, text)
         return out
@@ -704,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise BTSError(f"--jobs must be >= 1 (got {args.jobs})")
     profile = load_profile(args.profile)
+    known = ["tokenizer", *(s.name for s in profile.stages)]
+    if set(args.force) - set(known):
+        raise BTSError(f"--force: unknown stage {min(set(args.force) - set(known))!r} (stages of profile "
+                       f"{profile.profile}: {', '.join(known)})")
     check_accelerator(profile)
     results_dir = ensure_writable_dir(profile.results_dir)
     ensure_writable_dir(profile.runs_dir)

@@ -53,7 +53,8 @@ class StitchModule(LMTrainingModule):
         Args:
             hub: Hugging Face directory of the hub (the seed by default; an expert for the hub-choice ablation).
             experts: Hugging Face directories of the spoke models (one for the two-model ablation).
-            expert_names: names of the experts, i.e. their domains (default: the directory names).
+            expert_names: names of the experts, i.e. their domains (default: the directory names without a leading
+                ``expert_``: ``runs/tiny/expert_code`` → ``code``), one per expert.
             hub_name: name of the hub (default: the directory name).
             stitch: stitch configuration: K, alternating vs all-E2H, gate dropout, init (default ``StitchConfig()``).
             init_stitch_from: trained stitch checkpoint to start from (adding an expert): slices of models with the
@@ -151,6 +152,7 @@ class StitchModule(LMTrainingModule):
         return counts
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.vocab_size, "the stitched models'")
 

@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default 2048)")
     ap.add_argument("--show", action="store_true", help="print the manifest summary")
     args = ap.parse_args(argv)
+    if args.tokenizer:  # checked before the corpus is built and the tokenizer trained
+        from bts.config_check import writable_target
+
+        writable_target(args.tokenizer, "--tokenizer")
     data_dir = ensure_built(args.cache_dir, domains=args.domains, force=args.force)
     print(f"corpus ready: {data_dir}")
     if args.tokenizer:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir, sha256_file
+from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir, sha256_file, share_tree
 
 from .sources import FORMAT_VERSION, EmbeddedConfig, package_version, split_of
 
@@ -254,11 +254,7 @@ def _write_domain(domain_dir: Path, domain: str, records: list[dict], provenance
 
 def _share(folder: Path) -> None:
     """Give the built folder the permissions of normally created files (mkdtemp/mkstemp make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~umask)
+    share_tree(folder)
 
 
 def _write_index(data_dir: Path) -> None:
@@ -267,10 +263,7 @@ def _write_index(data_dir: Path) -> None:
         man = _read_manifest(data_dir / d / "manifest.json")
         if man is not None:
             index["domains"][d] = man
-    atomic_write_json(data_dir / "manifest.json", index)
-    umask = os.umask(0)
-    os.umask(umask)
-    (data_dir / "manifest.json").chmod(0o666 & ~umask)
+    atomic_write_json(data_dir / "manifest.json", index)  # given the umask's modes by atomic_path
 
 
 def ensure_built(cache_dir: str | os.PathLike | None = None, domains=DOMAINS, config: EmbeddedConfig | dict | None = None,

@@ -1,14 +1,15 @@
-"""``bts eval``: evaluate a Hugging Face model directory with the suite or with lm-eval.
+"""``bts eval``: evaluate any model artifact with the suite or with lm-eval.
 
     bts eval --model DIR [--tokenizer DIR] [--tasks ppl,math,translation,code,general] [--out metrics.json]
              [--seq-len 128] [--set math_items=64 --set humaneval_items=0 ...]
     bts eval --harness --model DIR --harness-tasks mmlu,gsm8k [--num-fewshot 5] [--include-path DIR]
              [--limit N] [--out results.json]
 
-The first form runs ``bts.eval.suite.evaluate`` on a dense or merged model (``bts.modeling.load_causal_lm``)
-and writes one ``metrics.json`` method entry (default ``--tasks``: ``bts.eval.suite.DEFAULT_TASKS``, perplexity and
-the likelihood / teacher-forced metrics; the generation metrics run when named, e.g. ``--tasks math``); BTS stitch directories and the other non-HF baselines are
-evaluated from Python (``evaluate(model, tokenizer)``) by the reproduction. The second form delegates to
+``--model`` is any artifact the project writes, its kind read from ``artifact.json`` (``bts.eval.loading``): a
+Hugging Face directory (dense or merged), a BTS stitch checkpoint, BTM, expert routing, BAM adapters, BTX/BAM.
+The first form runs ``bts.eval.suite.evaluate`` and writes one ``metrics.json`` method entry (default
+``--tasks``: ``bts.eval.suite.DEFAULT_TASKS``, perplexity and the likelihood / teacher-forced metrics; the generation
+metrics run when named, e.g. ``--tasks math``). The second form delegates to
 ``lm_eval.simple_evaluate`` with the ``bts`` adapter (``bts.eval.harness``). Without ``--out`` the JSON goes to
 stdout. Bad input prints one line ``error: ...`` on stderr and exits 2; output files are written atomically,
 so a failed run leaves no partial file.
@@ -42,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         + f"The generation metrics ({', '.join(GENERATIVE_TASKS)}) are not in the default list (no signal at the "
         "tiny scale); a group name (e.g. --tasks ppl,math,translation,code) or a metric name runs them.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", required=True,
+                   help="model artifact: a Hugging Face directory or any directory the project writes with an "
+                   "artifact.json (BTS stitch checkpoint, BTM, expert routing, BAM adapters, BTX/BAM)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--allow-changed-models", action="store_true",
+                   help="BTS checkpoints: use frozen models whose weights differ from the checkpoint manifest")
     p.add_argument("--out", help="write the JSON here (atomically) instead of stdout")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
@@ -101,28 +106,38 @@ def _check_out(path: str | None) -> None:
         raise BTSError(f"--out is a directory: {out}")
 
 
-def load_model_and_tokenizer(model_dir, tokenizer_dir=None, device: str = "cpu", dtype=None):
-    """A Hugging Face directory as a ``LanguageModel`` (``HFLanguageModel``, eval mode) and its tokenizer."""
+def load_model_and_tokenizer(model_dir, tokenizer_dir=None, device: str = "cpu", dtype=None,
+                             allow_changed_models: bool = False):
+    """Any artifact the project writes (``bts.eval.loading.artifact_kind``: a Hugging Face directory, a BTS stitch
+    checkpoint, BTM, expert routing, BAM adapters, BTX/BAM) as a ``LanguageModel`` in eval mode, and its tokenizer
+    (from ``tokenizer_dir``, default the artifact directory)."""
     import torch
-    from transformers import AutoTokenizer
 
     from bts.eval.interface import HFLanguageModel
+    from bts.eval.loading import HF_KIND, artifact_kind, load_for_eval, load_tokenizer_from
     from bts.modeling import load_causal_lm
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise BTSError(f"not a Hugging Face model directory (no config.json): {model_dir}")
-    tok_dir = Path(tokenizer_dir or model_dir)
-    if not tok_dir.is_dir():
-        raise BTSError(f"tokenizer directory not found: {tok_dir}")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BTSError(f"cannot load tokenizer from {tok_dir}: {first}") from None
-    hf = load_causal_lm(model_dir, dtype=dtype or torch.float32)
-    if len(tok) > hf.config.vocab_size:
-        raise BTSError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {hf.config.vocab_size}")
-    return HFLanguageModel(hf.to(device)).eval(), tok
+    kind = artifact_kind(model_dir)
+    tok = load_tokenizer_from(Path(tokenizer_dir or model_dir))
+    dtype = dtype or torch.float32
+    if kind == HF_KIND:
+        model = HFLanguageModel(load_causal_lm(model_dir, dtype=dtype))
+    else:
+        model, _, _ = load_for_eval(model_dir, allow_changed_models=allow_changed_models,
+                                    tokenizer_dir=tokenizer_dir)
+        model = model.to(dtype)
+    vocab = _vocab_size(model)
+    if vocab is not None and len(tok) > vocab:
+        raise BTSError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}")
+    return model.to(device).eval(), tok
+
+
+def _vocab_size(model) -> int | None:
+    for owner in (model, getattr(model, "model", None), getattr(getattr(model, "model", None), "config", None)):
+        v = getattr(owner, "vocab_size", None)
+        if isinstance(v, int):
+            return v
+    return None
 
 
 def _read_records(path) -> dict[str, list[dict]]:
@@ -157,7 +172,8 @@ def _run_suite(args) -> dict:
     cfg = EvalConfig.from_overrides(overrides)
     resolve_tasks(args.tasks)  # validate names before loading anything
     data = _read_records(args.data) if args.data else None
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype))
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype),
+                                          args.allow_changed_models)
     result = evaluate(model, tok, tasks=args.tasks, cfg=cfg, cache_dir=args.cache_dir, seq_len=args.seq_len,
                       progress=not args.no_progress, data=data)
     result["info"]["model"] = str(args.model)
@@ -189,10 +205,11 @@ def _run_harness(args) -> dict:
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise BTSError(f"unknown lm-eval task(s): {', '.join(unknown)}")
-    if not (Path(args.model) / "config.json").is_file():
-        raise BTSError(f"not a Hugging Face model directory (no config.json): {args.model}")
-    lm = BTSHarnessLM(pretrained=args.model, tokenizer=args.tokenizer or args.model, device=_device(args.device),
-                      dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    _load_tasks(tasks, tm)  # before the model: an uncached hub dataset is one line, not a model load later
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype),
+                                          args.allow_changed_models)
+    lm = BTSHarnessLM(model=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.max_length)
+    lm.pretrained = str(args.model)
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -205,6 +222,33 @@ def _run_harness(args) -> dict:
     out = {k: res[k] for k in keep if k in res}
     out["model"] = str(args.model)
     return out
+
+
+HUB_UNREACHABLE = ("ConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "DatasetNotFoundError")
+
+
+def _load_tasks(tasks: list[str], tm) -> None:
+    """Load the lm-eval tasks (their datasets) once, with a clear line when a dataset is neither cached nor
+    reachable on the hub; ``simple_evaluate`` then reuses them through ``tm``."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        loaded = get_task_dict(tasks, tm)
+    except Exception as e:
+        chain, seen = [], e
+        while seen is not None and len(chain) < 8:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        if not any(type(x).__name__ in HUB_UNREACHABLE for x in chain):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(
+            f"lm-eval task(s) {', '.join(tasks)}: a dataset is not in the local cache and the hub cannot be reached "
+            f"({first}); run once with network access to cache it, or provide local task files: a task YAML with "
+            "dataset_path: json and dataset_kwargs.data_files pointing at your files, in a directory passed with "
+            "--include-path DIR"
+        ) from None
+    tm.load_task_or_group = lambda *_a, **_k: loaded
 
 
 def main(argv: list[str] | None = None) -> int:

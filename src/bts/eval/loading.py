@@ -16,15 +16,53 @@ from pathlib import Path
 from bts.io import BTSError
 from bts.params import ParamCounts, count_params
 
+HF_KIND = "hf"
+"""``artifact_kind`` of a plain Hugging Face model directory (config.json, no artifact.json)."""
+
+
+def artifact_loaders() -> dict:
+    return {ep.name: ep for ep in entry_points(group="bts.artifacts")}
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``"hf"`` for a Hugging Face model directory, else the ``kind`` its ``artifact.json`` names (one of the
+    ``bts.artifacts`` entry points). Anything else is one ``BTSError`` line that lists what was expected."""
+    path = Path(path)
+    kinds = sorted(artifact_loaders())
+    expected = ("expected a Hugging Face model directory (config.json) or an artifact directory whose artifact.json "
+                f"names its kind ({', '.join(kinds)})")
+    if not path.is_dir():
+        raise BTSError(f"no model artifact at {path}: {expected}")
+    meta_file = path / "artifact.json"
+    if meta_file.is_file():
+        try:
+            kind = json.loads(meta_file.read_text(encoding="utf-8")).get("kind")
+        except (ValueError, AttributeError):
+            raise BTSError(f"{meta_file} is not a valid artifact.json: {expected}") from None
+        if kind not in kinds:
+            raise BTSError(f"{path}: unknown artifact kind {kind!r} in artifact.json (known: {', '.join(kinds)})")
+        return kind
+    if (path / "config.json").is_file():
+        return HF_KIND
+    raise BTSError(f"{path} is not a model artifact: {expected}")
+
 
 def load_tokenizer_from(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    path = Path(path)
+    if not path.is_dir():
+        raise BTSError(f"tokenizer directory not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(f"cannot load a tokenizer from {path} ({first}); pass --tokenizer DIR") from None
 
 
-def load_for_eval(path: str | Path, allow_changed_models: bool = False):
-    """Return ``(model, tokenizer, params_dict)`` for an artifact directory.
+def load_for_eval(path: str | Path, allow_changed_models: bool = False, tokenizer_dir: str | Path | None = None):
+    """Return ``(model, tokenizer, params_dict)`` for an artifact directory (the tokenizer is read from
+    ``tokenizer_dir``, default the artifact directory itself).
 
     ``allow_changed_models`` is passed to loaders that verify the frozen models they build on (a BTS stitch
     checkpoint refuses models whose sha256 changed unless it is set); the loaded model then carries
@@ -34,29 +72,23 @@ def load_for_eval(path: str | Path, allow_changed_models: bool = False):
     from bts.modeling import load_causal_lm
 
     path = Path(path)
-    if not path.is_dir():
-        raise BTSError(f"no artifact at {path}")
-    meta_file = path / "artifact.json"
-    if meta_file.is_file():
-        kind = json.loads(meta_file.read_text()).get("kind")
-        loaders = {ep.name: ep for ep in entry_points(group="bts.artifacts")}
-        if kind not in loaders:
-            raise BTSError(f"{path}: unknown artifact kind '{kind}' (known: {', '.join(sorted(loaders))})")
-        loader = loaders[kind].load()
+    kind = artifact_kind(path)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else path
+    if kind != HF_KIND:
+        loader = artifact_loaders()[kind].load()
         if allow_changed_models and "allow_changed_models" in inspect.signature(loader).parameters:
             loaded = loader(path, allow_changed_models=True)
         else:
             loaded = loader(path)
         if isinstance(loaded, tuple):  # a loader may return (model, tokenizer, params) itself
-            return loaded
+            model, tok, params = loaded
+            return model, (load_tokenizer_from(tok_dir) if tokenizer_dir is not None else tok), params
         model = loaded.eval()
-        return model, load_tokenizer_from(path), _recorded_params(path) or model.param_counts().to_dict()
-    if (path / "config.json").is_file():
-        model = load_causal_lm(path).eval()
-        n = count_params(model)
-        params = _recorded_params(path) or ParamCounts(trained=n, total=n, active=n).to_dict()
-        return HFLanguageModel(model).eval(), load_tokenizer_from(path), params
-    raise BTSError(f"{path}: neither a Hugging Face directory nor an artifact with artifact.json")
+        return model, load_tokenizer_from(tok_dir), _recorded_params(path) or model.param_counts().to_dict()
+    model = load_causal_lm(path).eval()
+    n = count_params(model)
+    params = _recorded_params(path) or ParamCounts(trained=n, total=n, active=n).to_dict()
+    return HFLanguageModel(model).eval(), load_tokenizer_from(tok_dir), params
 
 
 def changed_models_entry(model) -> dict:
