@@ -124,3 +124,32 @@ def test_add_cell_cis_sets_ppl_and_task_intervals():
     assert set(entries["m"]["ppl_ci"]) == {"code"} and set(entries["m"]["tasks_ci"]) == {"t"}
     lo, hi = entries["m"]["ppl_ci"]["code"]
     assert lo < cell_value(**{k: items["m"]["ppl:code"][k] for k in ("num", "den", "kind")}) < hi
+
+
+def test_regime_reports_what_ran_not_what_the_config_file_says(tmp_path):
+    """A profile's overrides (e.g. smol: lr 3e-5, nothing frozen over configs/experts/tiny_*.yaml's 1e-3 and frozen
+    head) are what the regime block reports: training.json first, the config file only as a fallback."""
+    import json
+
+    import yaml
+
+    from bts.summary import regime
+
+    runs = tmp_path / "runs"
+    (runs / "seed").mkdir(parents=True)
+    (runs / "seed" / "import.json").write_text(json.dumps({"n_params": 1000}))
+    (runs / "configs").mkdir()
+    for i, d in enumerate(("code", "math", "multilingual")):
+        cfg = {"model": {"init_args": {"lr": 1e-3, "freeze": ["embeddings", "final_norm", "head"]}}}
+        (runs / "configs" / f"expert_{d}.yaml").write_text(yaml.safe_dump(cfg))
+        (runs / f"expert_{d}").mkdir()
+        frozen = [] if i else ["model.lm_head.weight", "model.model.embed_tokens.weight"]
+        (runs / f"expert_{d}" / "training.json").write_text(json.dumps({"lr": 3e-5, "frozen": frozen,
+                                                                        "tokens_seen": 100 * (i + 1)}))
+    methods = {"seed": {"ppl": {"code": 10.0}}, "expert_code": {"ppl": {"code": 8.0}}}
+    r = regime([runs], methods)
+    assert r["expert_lr"] == 3e-5 and r["seed_params"] == 1000 and r["seed_tokens"] is None
+    assert r["expert_frozen"] == ["embeddings", "head"]  # the union over experts, from the parameter names
+    assert r["expert_tokens"] == 200 and abs(r["experts"]["code"]["own_ppl_gain"] - 0.2) < 1e-12
+    (runs / "expert_code" / "training.json").write_text(json.dumps({"lr": 3e-5}))  # an older run: no "frozen"
+    assert regime([runs], methods)["expert_frozen"] == ["embeddings", "final_norm", "head"]

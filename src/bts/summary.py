@@ -84,18 +84,31 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+_PART_PARAMS = {"embeddings": "embed_tokens.", "final_norm": "model.norm.", "head": "lm_head."}
+
+
+def _frozen_parts(training: Mapping, init_args: Mapping) -> list[str]:
+    """The parts an expert kept frozen: from the frozen parameter names its training.json records (what ran,
+    overrides included), else from its config's ``freeze``."""
+    if "frozen" not in training:
+        return list(init_args.get("freeze") or [])
+    return [part for part, key in _PART_PARAMS.items() if any(key in name for name in training["frozen"])]
+
+
 def regime(runs_dirs: Sequence[Path], methods: Mapping[str, dict]) -> dict:
     """The ``regime`` block from the run directories of every seed (seed 0 first) and the (seed-mean) methods."""
     runs0 = Path(runs_dirs[0])
     seed_train = _json(runs0 / "seed" / "training.json")
     seed_cfg = _yaml(runs0 / "seed" / "training_config.yaml") or _yaml(runs0 / "configs" / "seed.yaml")
     seed_args = (seed_cfg.get("model") or {}).get("init_args") or {}
-    params = (seed_train.get("params") or {}).get("total")
+    # an imported seed (bts import-gguf) records its size in import.json; its training tokens are not known here
+    params = (seed_train.get("params") or {}).get("total") or _json(runs0 / "seed" / "import.json").get("n_params")
     tokens = seed_train.get("tokens_seen")
     expert_cfgs = {d: _yaml(runs0 / "configs" / f"expert_{d}.yaml") for d in EXPERT_DOMAINS}
     expert_args = {d: (c.get("model") or {}).get("init_args") or {} for d, c in expert_cfgs.items()}
     expert_train = {d: _json(runs0 / f"expert_{d}" / "training.json") for d in EXPERT_DOMAINS}
-    lrs = {a.get("lr") for a in expert_args.values() if a}
+    # what ran (training.json: command-line overrides included) before what the config file says
+    lrs = {expert_train[d].get("lr", a.get("lr")) for d, a in expert_args.items() if a or expert_train[d]}
     expert_lr = lrs.pop() if len(lrs) == 1 else None
     e_tokens = [t.get("tokens_seen") for t in expert_train.values() if t.get("tokens_seen")]
     expert_tokens = int(sum(e_tokens) / len(e_tokens)) if e_tokens else None
@@ -118,7 +131,7 @@ def regime(runs_dirs: Sequence[Path], methods: Mapping[str, dict]) -> dict:
         "expert_lr": expert_lr, "expert_lr_over_seed_peak": (expert_lr / peak) if expert_lr and peak else None,
         "expert_tokens": expert_tokens,
         "expert_tokens_over_seed_tokens": (expert_tokens / tokens) if expert_tokens and tokens else None,
-        "expert_frozen": sorted({p for a in expert_args.values() for p in (a.get("freeze") or [])}),
+        "expert_frozen": sorted({p for d, a in expert_args.items() for p in _frozen_parts(expert_train[d], a)}),
         "experts": experts,
         "paper": PAPER_REGIME,
     }
