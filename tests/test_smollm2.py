@@ -217,3 +217,30 @@ def test_smol_profiles(monkeypatch):
     with pytest.raises(BTSError, match="--profile smol_smoke on CPU"):
         reproduce.check_accelerator(smol)
     reproduce.check_accelerator(smoke)
+
+
+def test_lm_eval_adapter_on_the_local_tasks_matches_a_direct_computation(smol_dir, smol, smol_tok, tmp_path):
+    """`bts eval --harness` on the built-in offline task bts_general_ppl (lm-eval's rolling log-likelihood through
+    the project's adapter) gives the bits per byte computed here from the model's own logits."""
+    import math
+
+    from bts.eval import local_tasks
+
+    out = tmp_path / "harness.json"
+    assert bts_main(["eval", "--harness", "--model", str(smol_dir), "--harness-tasks", "bts_general_ppl",
+                     "--limit", "2", "--device", "cpu", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["results"]["bts_general_ppl"]
+    docs = [json.loads(line)["text"] for line in
+            (local_tasks.task_dir() / "bts_general_ppl.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
+    total_ll, total_bytes = 0.0, 0
+    prefix = smol_tok.bos_token_id if smol_tok.bos_token_id is not None else smol_tok.eos_token_id
+    for doc in docs:
+        ids = torch.tensor([[prefix, *smol_tok(doc, add_special_tokens=False)["input_ids"]]])
+        assert ids.shape[1] <= 8192  # one rolling window: the whole document after the prefix token
+        with torch.no_grad():
+            logp = torch.log_softmax(smol(input_ids=ids).logits[0, :-1].double(), -1)
+        total_ll += float(logp.gather(-1, ids[0, 1:, None]).sum())
+        total_bytes += len(doc.encode("utf-8"))
+    want = -total_ll / total_bytes / math.log(2)
+    assert abs(got["bits_per_byte,none"] - want) < 1e-4 * want
+    assert 0.3 < want < 2.0  # a pretrained model on English prose (a uniform one: log2(49152) / ~4 bytes ≈ 3.9)

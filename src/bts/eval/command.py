@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run HumanEval completions even where the code-execution sandbox is unavailable")
     h = p.add_argument_group("lm-eval harness (--harness)")
     h.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks instead of the suite")
-    h.add_argument("--harness-tasks", help="comma-separated lm-eval task names (e.g. mmlu,gsm8k)")
+    h.add_argument("--harness-tasks", help="comma-separated lm-eval task names (e.g. mmlu,gsm8k); built in and "
+                   "offline: bts_general_ppl, bts_code_ppl, bts_math_ppl, bts_multilingual_ppl")
     h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task's own)")
     h.add_argument("--include-path", help="directory with extra lm-eval task YAMLs")
     h.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
@@ -190,17 +191,19 @@ def _run_harness(args) -> dict:
     except ImportError:
         raise BTSError("lm-eval is not installed: pip install -e '.[harness]'") from None
     from bts.eval.harness import BTSHarnessLM
+    from bts.eval.local_tasks import ensure_for
 
     if args.include_path and not Path(args.include_path).is_dir():
         raise BTSError(f"--include-path is not a directory: {args.include_path}")
     tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
+    include = ensure_for(tasks, args.include_path, args.cache_dir)  # the built-in bts_<domain>_ppl task files
     tm = None
-    if args.include_path:  # indexing lm-eval's own ~10k task files takes seconds: skip it when not needed
-        tm = TaskManager(include_path=args.include_path, include_defaults=False)
+    if include:  # indexing lm-eval's own ~10k task files takes seconds: skip it when not needed
+        tm = TaskManager(include_path=include, include_defaults=False)
         if not all(t in set(tm.all_tasks) for t in tasks):
             tm = None
     if tm is None:
-        tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+        tm = TaskManager(include_path=include) if include else TaskManager()
     known = set(tm.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
