@@ -100,10 +100,9 @@ def test_unknown_profile_and_bad_keys(tmp_path, monkeypatch):
 
 
 def test_concurrent_runs_are_refused(tmp_path):
-    with exclusive_lock(tmp_path / ".lock", "run directory x"):
-        with pytest.raises(BTSError, match="in use by pid"):
-            with exclusive_lock(tmp_path / ".lock", "run directory x"):
-                pass
+    with exclusive_lock(tmp_path / ".lock", "run directory x"), pytest.raises(BTSError, match="in use by pid"), \
+            exclusive_lock(tmp_path / ".lock", "run directory x"):
+        pass
 
 
 def test_seed_aggregation_mean_and_std():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -25,16 +26,15 @@ def test_warmup_then_cosine_to_one_percent():
     assert warmup_cosine(mid, warm, total) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert warmup_cosine(total, warm, total) == pytest.approx(0.01)
     values = [warmup_cosine(s, warm, total) for s in range(warm, total + 1)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path):
     f = tmp_path / "m.json"
     atomic_write_json(f, {"a": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(f) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(f) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
     assert f.read_text().strip().startswith("{") and '"a": 1' in f.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 

@@ -3,7 +3,7 @@
 One task per domain, ``bts_<domain>_ppl``: lm-eval's rolling log-likelihood (``loglikelihood_rolling``, as its
 ``wikitext`` task) of held-out documents, reported as word perplexity, byte perplexity and bits per byte.
 Perplexity-type tasks carry signal for any trained model (there is no chance level to clear), which is why they
-are the local tasks: a 135M model is at chance on the paper's MMLU-style benchmarks.
+are the local tasks: a 135M model is expected near chance on the paper's MMLU-style multiple choice.
 
 ``bts eval --harness --harness-tasks bts_general_ppl,bts_code_ppl`` writes the files on first use into
 ``<cache>/lm_eval_tasks/`` (JSONL documents + one YAML per task) and passes that folder to lm-eval.
