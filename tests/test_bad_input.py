@@ -368,3 +368,16 @@ def test_harness_task_with_an_uncached_hub_dataset(tmp_path, env, capsys, monkey
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert "is not in the local cache and the hub cannot be reached" in lines[0] and "--include-path" in lines[0]
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("command", ["reproduce", "sweep", "eval", "data", "stitch-remove", "merge", "gates",
+                                     "compare", "ceiling", "import-gguf"])
+def test_project_command_usage_errors_are_one_line(command, capsys):
+    """A misspelt option of any project command: one ``error: bts <command>: ...`` line and exit 2 (argparse's
+    own multi-line usage dump is not printed), before any work starts."""
+    assert bts_main([command, "--no-such-option", "1"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(f"error: bts {command}: ")
+    assert "--no-such-option" in lines[0] or "arguments are required" in lines[0]  # argparse reports either first
+    assert "usage:" not in captured.err + captured.out

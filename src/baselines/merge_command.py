@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bts.io import BTSError
+from bts.io import BTSError, CommandParser
 
 OPTIONS = ("method", "seed", "experts", "out", "lambda", "density", "weights", "val_tokens", "batch_size", "device")
 DEFAULT_BATCH_SIZE = 8
@@ -38,7 +38,7 @@ def _method_names() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     names = _method_names()
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="bts merge",
         description="Merge a seed and its experts (soup, task arithmetic, TIES) into one Hugging Face model "
         "directory, or write a BTM ensemble directory.",

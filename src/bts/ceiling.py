@@ -23,14 +23,13 @@ Command: ``bts ceiling --runs runs/tiny [--out runs/tiny/ceiling]`` (a stage of 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bts.io import BTSError, atomic_dir, atomic_write_json
+from bts.io import BTSError, CommandParser, atomic_dir, atomic_write_json
 
 EXPERT_DOMAINS = ("code", "math", "multilingual")
 
@@ -151,7 +150,7 @@ def measure(runs: Path, domains=EXPERT_DOMAINS, fit_blocks: int = 192, test_bloc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bts ceiling", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="bts ceiling", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/tiny", help="run directory with seed/, tokenizer/, expert_<domain>/")
     ap.add_argument("--out", default=None, help="output directory (default: <runs>/ceiling)")
     ap.add_argument("--domains", default=",".join(EXPERT_DOMAINS), help="comma-separated expert domains")

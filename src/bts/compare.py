@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from bts.io import BTSError, atomic_write_json
+from bts.io import BTSError, CommandParser, atomic_write_json
 
 Z95 = 1.959963984540054
 REL_TOLERANCE = 0.02
@@ -41,10 +41,6 @@ _NOT_INPUTS = ("format", "collect_seconds", "matmul_peak_gflops", "matmul_peak",
                "machine.cores_usable", "machine.system", "machine.torch_interop_threads", "tokenizer.files",
                "tokenizer.sample_sha256", "tokenizer.tokenizer_json_sha256")
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (bts.cli prints BTSError)
-        raise BTSError(f"bts compare: {message}")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -339,7 +335,7 @@ def _json_safe(o):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bts compare",
+    p = CommandParser(prog="bts compare",
                 description="Compare a reproduction's metrics.json with committed ones: which inputs (versions, CPU, "
                             "data, tokenizer, models) differ, and which metrics fall outside the committed 95 % CI "
                             "(else ± 1.96 seed std, else ± 2 %). Exit 0: all inside; 1: some outside; 2: bad input.")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bts.io import BTSError, atomic_path, atomic_write_json
+from bts.io import BTSError, CommandParser, atomic_path, atomic_write_json
 
 FORMAT = "bts-gates"
 VERSION = 1
@@ -645,13 +645,9 @@ def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int
 
 
 # ------------------------------------------------------------------------------------------------ command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise BTSError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = CommandParser(
         prog="bts gates",
         description="Gate analysis of a trained BTS model (paper §4.3): per-token E2H gate weights on prompts of "
         "each domain and on context-switching prompts; writes <out>/gates.json and <out>/figures/gates_*.png.",

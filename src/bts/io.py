@@ -8,6 +8,7 @@ process umask (0644/0755 under umask 022), so colleagues on shared storage can r
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -25,6 +26,14 @@ if TYPE_CHECKING:  # torch is imported where it is used: `bts --help` and config
 
 class BTSError(Exception):
     """An error caused by the user's input or environment: the CLI prints it as one line and exits 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` for the project's subcommands: a usage error is a ``BTSError`` (one ``error:`` line naming the
+    command, exit 2) instead of argparse's multi-line usage dump; ``--help`` is unchanged."""
+
+    def error(self, message):
+        raise BTSError(f"{self.prog}: {message}")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ rewrites the safetensors and the manifest (whose model hashes carry over unchang
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bts.io import BTSError, atomic_dir, copy_tokenizer_files
+from bts.io import BTSError, CommandParser, atomic_dir, copy_tokenizer_files
 from bts.model import StitchedLM
 
 _PROJ = "stitch_proj"
@@ -193,7 +192,7 @@ def remove_expert_checkpoint(ckpt_dir: str | Path, name: str, out_dir: str | Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``bts stitch-remove``: drop an expert from a trained stitch checkpoint (no retraining)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="bts stitch-remove",
         description="Remove an expert from a trained BTS stitch checkpoint: its projection slice and gate rows are "
         "dropped from every stitch layer, everything else is reused unchanged (paper §4.2). No model is loaded.",

@@ -14,7 +14,6 @@ are never silently mixed or overwritten); stitch checkpoints whose frozen models
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -28,6 +27,7 @@ import yaml
 
 from bts.io import (
     BTSError,
+    CommandParser,
     atomic_write_json,
     atomic_write_text,
     check_lightning_checkpoint,
@@ -686,7 +686,7 @@ def write_figures(profile: Profile, results_dir: Path, threads: int | None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bts reproduce", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="bts reproduce", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="tiny", help="configs/reproduce/<profile>.yaml or a path (default: tiny)")
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds; with >1 floats are mean with *_std")
     ap.add_argument("--force", nargs="*", default=[], help="stage names to rerun even if reusable")

@@ -8,7 +8,6 @@ evaluation) after the profile stages they depend on; results go to ``results/<pr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -16,7 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from bts.io import BTSError, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock
+from bts.io import (
+    BTSError,
+    CommandParser,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    exclusive_lock,
+)
 from bts.reproduce import DEFAULT_RUN_ROOT, Pipeline, StageSpec, load_profile
 
 SWEEP_KEYS = {"name", "base", "after", "grid", "family", "stages", "eval_tasks"}
@@ -87,7 +93,7 @@ def sweep_table(name: str, rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bts sweep", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="bts sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="configs/sweeps/<name>.yaml")
     ap.add_argument("--profile", default="tiny", help="reproduction profile whose stages the points build on")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")

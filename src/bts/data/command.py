@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from bts.data.corpus import DOMAINS, ensure_built, manifest
+from bts.io import CommandParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bts data", description=__doc__)
+    ap = CommandParser(prog="bts data", description=__doc__)
     ap.add_argument("--cache-dir", help="cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)")
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), help="domains to build (default: all four)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")

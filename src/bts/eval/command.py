@@ -23,18 +23,13 @@ import os
 import sys
 from pathlib import Path
 
-from bts.io import BTSError, atomic_write_text
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own usage dump is multi-line)
-        raise BTSError(message)
+from bts.io import BTSError, CommandParser, atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bts.eval.suite import DEFAULT_TASKS, GENERATIVE_TASKS, TASK_GROUPS
 
-    p = _Parser(
+    p = CommandParser(
         prog="bts eval",
         description="Evaluate a Hugging Face model directory with the BTS suite (held-out perplexity + downstream "
         "tasks) or, with --harness, with lm-evaluation-harness.",
