@@ -26,7 +26,8 @@ def _smoke_profile(tmp_path: Path) -> Path:
     raw = yaml.safe_load((ROOT / "configs/reproduce/smoke.yaml").read_text())
     raw.pop("base")
     base = yaml.safe_load((ROOT / "configs/reproduce/tiny.yaml").read_text())
-    raw = {**base, **raw, "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    raw = {**base, **raw, "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+           "keep_checkpoints": False}
     assert len(raw["stages"]) == len(p.stages)
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -81,6 +82,10 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     assert (results / "figures" / "gates_summary.png").is_file()
     readme = (results / "README.md").read_text()
     assert "unresolved (of" in readme and "seed tokens per parameter" in readme
+    # keep_checkpoints: false deletes each finished stage's Lightning checkpoints (its output stays)
+    ckpts = tmp_path / "runs" / "ckpt"
+    assert (tmp_path / "runs" / "bts" / "stitch.safetensors").is_file()
+    assert not ckpts.exists() or not any(ckpts.rglob("*.ckpt"))
     # A second run reuses every stage (nothing retrains) and gives the same numbers.
     assert main(["--profile", str(profile), "--no-progress"]) == 0
     again = json.loads((results / "metrics.json").read_text())

@@ -72,6 +72,9 @@ class Profile:
     tokenizer_from: str | None = None  # a committed checkpoint whose tokenizer is used (verified) instead of training one
     # a stage (without `after`) that runs first and whose output's tokenizer is the profile's (an imported seed)
     tokenizer_stage: str | None = None
+    # False: a stage's Lightning checkpoints (only needed to resume it mid-way) are deleted once its output is
+    # written; with real models they are GBs per stage (optimizer states)
+    keep_checkpoints: bool = True
     export: dict | None = None  # {"stage": name, "to": dir}: publish that stage's model + tokenizer as a checkpoint
 
 
@@ -268,6 +271,8 @@ class Pipeline:
         if not output.exists():
             raise BTSError(f"stage {stage.name} finished without writing {output}")
         self._mark(stage.name, h, "done", seconds=round(self.timings[stage.name], 1))
+        if not self.p.keep_checkpoints and ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         return output
 
     @staticmethod
