@@ -60,7 +60,8 @@ def write_local_tasks(cache_dir=None, docs: int = 64, seed: int = 0) -> Path:
     from bts.data.corpus import load_split
 
     out = task_dir(cache_dir)
-    stamp = {"format": FORMAT, "docs": docs, "seed": seed}
+    # the YAML files name their data by absolute path: a moved cache is rewritten
+    stamp = {"format": FORMAT, "docs": docs, "seed": seed, "path": str(out.resolve())}
     stamp_file = out / "bts_tasks.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
