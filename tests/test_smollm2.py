@@ -184,6 +184,8 @@ def test_import_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert bts_main(["import-gguf", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "mine")]) == 2
     assert "not an earlier import" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").is_file()
+    with pytest.raises(BTSError, match="unknown model 'nope'"):
+        gguf_import.import_gguf(model="nope", cache_dir=tmp_path / "cache")
     # a --gguf that is not there
     assert bts_main(["import-gguf", "--gguf", str(tmp_path / "nope.gguf")]) == 2
     assert "no such file" in capsys.readouterr().err
