@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -52,6 +54,7 @@ def test_training_lowers_loss_and_writes_hf_dir(tmp_path):
     assert after < before - 0.5, (before, after)
     out = tmp_path / "seed"
     assert (out / "model.safetensors").is_file() and (out / "training.json").is_file()
+    assert json.loads((out / "training.json").read_text())["freeze"] == []  # the parts kept frozen, as configured
     reloaded = load_causal_lm(out)
     assert state_dict_sha256(reloaded.state_dict()) == state_dict_sha256(module.model.state_dict())
 

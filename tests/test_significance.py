@@ -143,13 +143,13 @@ def test_regime_reports_what_ran_not_what_the_config_file_says(tmp_path):
         cfg = {"model": {"init_args": {"lr": 1e-3, "freeze": ["embeddings", "final_norm", "head"]}}}
         (runs / "configs" / f"expert_{d}.yaml").write_text(yaml.safe_dump(cfg))
         (runs / f"expert_{d}").mkdir()
-        frozen = [] if i else ["model.lm_head.weight", "model.model.embed_tokens.weight"]
-        (runs / f"expert_{d}" / "training.json").write_text(json.dumps({"lr": 3e-5, "frozen": frozen,
+        freeze = [] if i else ["embeddings", "head"]
+        (runs / f"expert_{d}" / "training.json").write_text(json.dumps({"lr": 3e-5, "freeze": freeze,
                                                                         "tokens_seen": 100 * (i + 1)}))
     methods = {"seed": {"ppl": {"code": 10.0}}, "expert_code": {"ppl": {"code": 8.0}}}
     r = regime([runs], methods)
     assert r["expert_lr"] == 3e-5 and r["seed_params"] == 1000 and r["seed_tokens"] is None
-    assert r["expert_frozen"] == ["embeddings", "head"]  # the union over experts, from the parameter names
+    assert r["expert_frozen"] == ["embeddings", "head"]  # the union over experts, as they ran
     assert r["expert_tokens"] == 200 and abs(r["experts"]["code"]["own_ppl_gain"] - 0.2) < 1e-12
-    (runs / "expert_code" / "training.json").write_text(json.dumps({"lr": 3e-5}))  # an older run: no "frozen"
+    (runs / "expert_code" / "training.json").write_text(json.dumps({"lr": 3e-5}))  # an older run: no "freeze"
     assert regime([runs], methods)["expert_frozen"] == ["embeddings", "final_norm", "head"]

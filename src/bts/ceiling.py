@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bts.data.corpus import EXPERT_DOMAINS
 from bts.io import BTSError, CommandParser, atomic_dir, atomic_write_json
-
-EXPERT_DOMAINS = ("code", "math", "multilingual")
 
 
 def final_state(model, ids: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bts.data.corpus import DOMAINS, EXPERT_DOMAINS
 from bts.stats import paired_ci, verdict
 
-DOMAINS = ("general", "code", "math", "multilingual")
-EXPERT_DOMAINS = ("code", "math", "multilingual")
 GATES = "_gates"  # pseudo-method holding the per-prompt gate cells
 
 

@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bts.data.corpus import DOMAINS
 from bts.io import BTSError, CommandParser, atomic_path, atomic_write_json
 
 FORMAT = "bts-gates"
 VERSION = 1
-DEFAULT_DOMAINS: tuple[str, ...] = ("general", "code", "math", "multilingual")
 SWITCH_ORDER: tuple[str, ...] = ("general", "math", "code", "multilingual")
 SEGMENT_TOKENS: tuple[int, int] = (32, 48)
 JOIN = "\n\n"
@@ -522,8 +522,10 @@ def _load_model(ckpt_or_model, device: str | None, allow_changed_models: bool):
     if not isinstance(ckpt_or_model, (str, os.PathLike)):
         raise BTSError(f"expected a StitchedLM or a stitch checkpoint directory, got {type(ckpt_or_model).__name__}")
     from bts.eval.loading import artifact_kind
+    from bts.modeling import resolve_device
     from bts.stitch_checkpoint import load_stitched
 
+    device = resolve_device(device)  # a bad or missing device is refused before the models load
     ckpt = Path(ckpt_or_model)
     if not ckpt.is_dir():
         raise BTSError(f"stitch checkpoint directory not found: {ckpt}")
@@ -533,7 +535,6 @@ def _load_model(ckpt_or_model, device: str | None, allow_changed_models: bool):
         raise BTSError(f"{ckpt} is {what}: gate analysis needs a BTS stitch checkpoint (artifact.json kind 'bts', "
                        "e.g. runs/<profile>/bts); evaluate other artifacts with bts eval --model DIR")
     model = load_stitched(ckpt, allow_changed_models=allow_changed_models)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), str(ckpt)
 
 
@@ -591,7 +592,7 @@ def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int
     tok = _load_tokenizer(tokenizer)
     records_source = "given" if records is not None else "test split (bts.data.load_split)"
     if records is None:
-        records = _load_records(list(domains or DEFAULT_DOMAINS), cache_dir)
+        records = _load_records(list(domains or DOMAINS), cache_dir)
     elif domains is not None:
         missing = [d for d in domains if d not in records]
         if missing:

@@ -243,6 +243,8 @@ class LMTrainingModule(L.LightningModule):
                     "lr": self.lr,
                     "min_lr_ratio": self.min_lr_ratio,
                     "frozen": sorted(n for n, p in self.named_parameters() if not p.requires_grad)[:64],
+                    # the parts kept frozen as configured (overrides included): what the regime block reports
+                    **({"freeze": list(self.hparams["freeze"] or [])} if "freeze" in self.hparams else {}),
                     "final_metrics": metrics,
                 },
             )

@@ -17,10 +17,8 @@ import json
 from pathlib import Path
 
 from bts.ceiling import ceiling_of
+from bts.data.corpus import DOMAINS, EXPERT_DOMAINS
 from bts.io import BTSError, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock
-
-EXPERT_DOMAINS = ("code", "math", "multilingual")
-DOMAINS = ("general", "code", "math", "multilingual")
 
 
 def _parse_key(key: str) -> tuple[str, str]:

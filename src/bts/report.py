@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bts.data.corpus import DOMAINS
 from bts.io import atomic_write_json, atomic_write_text
 
-DOMAINS = ("general", "code", "math", "multilingual")
 FAMILY_ORDER = ("dense", "upcycling", "merging", "bts")
 FAMILY_TITLES = {"dense": "Dense", "upcycling": "Expert upcycling", "merging": "Expert merging", "bts": "BTS"}
 

@@ -18,10 +18,8 @@ from pathlib import Path
 import yaml
 
 from bts.ceiling import ceiling_of
+from bts.data.corpus import EXPERT_DOMAINS
 from bts.stats import multi_seed_cell_ci
-
-DOMAINS = ("general", "code", "math", "multilingual")
-EXPERT_DOMAINS = ("code", "math", "multilingual")
 
 PAPER_REGIME = {
     "seed_tokens_per_param": "far past 20 (2.7B parameters, trained to convergence)",
@@ -84,15 +82,10 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-_PART_PARAMS = {"embeddings": "embed_tokens.", "final_norm": "model.norm.", "head": "lm_head."}
-
-
 def _frozen_parts(training: Mapping, init_args: Mapping) -> list[str]:
-    """The parts an expert kept frozen: from the frozen parameter names its training.json records (what ran,
-    overrides included), else from its config's ``freeze``."""
-    if "frozen" not in training:
-        return list(init_args.get("freeze") or [])
-    return [part for part, key in _PART_PARAMS.items() if any(key in name for name in training["frozen"])]
+    """The parts an expert kept frozen: as its training.json records them (what ran, overrides included), else
+    as its config's ``freeze`` says (runs made before training.json recorded them)."""
+    return list(training.get("freeze", init_args.get("freeze")) or [])
 
 
 def regime(runs_dirs: Sequence[Path], methods: Mapping[str, dict]) -> dict:

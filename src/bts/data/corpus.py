@@ -38,6 +38,7 @@ from .sources import FORMAT_VERSION, EmbeddedConfig, package_version, split_of
 log = logging.getLogger("bts.data")
 
 DOMAINS: tuple[str, ...] = ("general", "code", "math", "multilingual")
+EXPERT_DOMAINS: tuple[str, ...] = ("code", "math", "multilingual")  # the domains experts are branched on
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 

@@ -28,11 +28,12 @@ import platform
 import sys
 from pathlib import Path
 
+from .corpus import DOMAINS
+
 log = logging.getLogger("bts.data")
 
 REFERENCE_FILE = Path(__file__).with_name("reference_digests.json")
 REFERENCE_FORMAT = 1
-_DOMAINS = ("general", "code", "math", "multilingual")
 _SPLITS = ("train", "val", "test")
 
 # why an input can change a domain (for the warning)
@@ -83,7 +84,7 @@ def manifests(cache_dir: str | os.PathLike | None = None, data_dir: str | os.Pat
     """``{domain: manifest}`` of the built domains."""
     data_dir = Path(data_dir) if data_dir is not None else _data_dir(cache_dir)
     out = {}
-    for d in _DOMAINS:
+    for d in DOMAINS:
         man = _read_json(data_dir / d / "manifest.json")
         if isinstance(man, dict):
             out[d] = man
@@ -243,7 +244,6 @@ def _package_version(dist: str) -> str:
 
 def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) -> dict:
     """The reference content from the built corpus (every domain must be built with default parameters)."""
-    from .corpus import DOMAINS
     from .sources import EmbeddedConfig
 
     mans = manifests(cache_dir, data_dir)

@@ -74,15 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(arg: str | None) -> str:
-    import torch
+    from bts.modeling import (
+        resolve_device,  # a model is loaded next anyway: no start-up cost for an early error
+    )
 
-    if arg:
-        try:
-            torch.device(arg)
-        except RuntimeError:
-            raise BTSError(f"unknown device {arg!r}") from None
-        return arg
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(arg))
 
 
 def _dtype(arg: str):

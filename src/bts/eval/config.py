@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+from bts.data.corpus import DOMAINS
 from bts.io import BTSError
-
-DOMAINS = ("general", "code", "math", "multilingual")
 
 _OPTIONAL_INT = ("max_context", "humaneval_items")
 

@@ -16,10 +16,10 @@ import os
 import random
 from pathlib import Path
 
+from bts.data.corpus import DOMAINS
 from bts.io import atomic_dir
 
 PREFIX = "bts_"
-DOMAINS = ("general", "code", "math", "multilingual")
 TASKS = tuple(f"{PREFIX}{d}_ppl" for d in DOMAINS)
 FORMAT = 1
 
