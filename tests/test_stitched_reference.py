@@ -62,9 +62,8 @@ def reference_logits(models, stitches, ids: torch.LongTensor) -> torch.Tensor:
     hs, ctx = [], []
     for m in models:
         h = m.model.embed_tokens(ids)
-        mask = create_causal_mask(
-            config=m.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos
-        )
+        # positionally: the cache argument is named past_key_values or cache depending on the 5.x release
+        mask = create_causal_mask(m.config, h, None, None, pos)
         hs.append(h)
         ctx.append((mask, m.model.rotary_emb(h, pos)))
     num_layers = len(models[0].model.layers)

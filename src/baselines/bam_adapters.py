@@ -40,12 +40,12 @@ from transformers import PreTrainedModel
 
 from baselines.moe import (
     BaselineLM,
-    causal_masks,
     check_family,
     load_family,
     read_json,
     router_weight,
-    )
+)
+from bts.hf_compat import causal_masks
 from bts.io import BTSError, atomic_write_json
 from bts.lm import LMTrainingModule
 from bts.modeling import decoder_parts, freeze

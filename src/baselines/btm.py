@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.merge import check_model_dirs, check_output_dir
+from bts import hf_compat
 from bts.eval.interface import sample_next
 from bts.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
 from bts.modeling import freeze, load_causal_lm
@@ -46,16 +47,9 @@ from bts.params import ParamCounts, count_params
 
 
 def _cached_step(model: nn.Module, input_ids: Tensor, cache):
-    """One forward with a KV cache: transformers >= 5.2x names it ``cache``, earlier ``past_key_values``."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kwargs = {name: cache} if cache is not None else {}
-    out = model(input_ids=input_ids, use_cache=True, **kwargs)
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = getattr(out, "past_key_values", None)
-    return out, new_cache
+    """One forward with a KV cache (its argument and output names differ across transformers 5.x: ``hf_compat``)."""
+    out = model(input_ids=input_ids, use_cache=True, **hf_compat.model_cache_kwargs(model, cache))
+    return out, hf_compat.output_cache(out)
 
 
 def _normalised_log_prior(prior: Sequence[float] | None, m: int) -> Tensor:

@@ -10,7 +10,6 @@ mixture of identical experts is the dense model (up to float rounding of weights
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from bts.eval.interface import greedy_or_sample_uncached
 from bts.io import BTSError
@@ -67,37 +65,6 @@ def router_weight(num_models: int, hidden_size: int, std: float, generator: torc
     if std == 0:
         return torch.zeros(num_models, hidden_size)
     return torch.randn(num_models, hidden_size, generator=generator) * std
-
-
-def _mask_kwargs(fn, config, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> dict:
-    """Keyword arguments of a ``transformers.masking_utils`` mask function, for the 5.x releases that renamed them
-    (``cache`` / ``past_key_values``, ``inputs_embeds`` / ``input_embeds``, optional ``cache_position``)."""
-    names = inspect.signature(fn).parameters
-    kw = {"config": config, "attention_mask": None, "position_ids": position_ids}
-    kw["inputs_embeds" if "inputs_embeds" in names else "input_embeds"] = inputs_embeds
-    for cache_name in ("cache", "past_key_values"):
-        if cache_name in names:
-            kw[cache_name] = None
-    if "cache_position" in names:
-        kw["cache_position"] = position_ids[0]
-    return {k: v for k, v in kw.items() if k in names}
-
-
-def causal_masks(config, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> list:
-    """One attention mask per layer, as the HF decoder itself builds them (full causal, or sliding window for the
-    layers whose type / config asks for it). No padding: evaluation and training rows are full sequences."""
-
-    def make(fn):
-        return fn(**_mask_kwargs(fn, config, inputs_embeds, position_ids))
-
-    n = config.num_hidden_layers
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" in layer_types:
-        full, sliding = make(create_causal_mask), make(create_sliding_window_causal_mask)
-        return [sliding if t == "sliding_attention" else full for t in layer_types[:n]]
-    if layer_types is None and getattr(config, "sliding_window", None) is not None:  # Mistral-style config
-        return [make(create_sliding_window_causal_mask)] * n
-    return [make(create_causal_mask)] * n
 
 
 # --- routed FFN ----------------------------------------------------------------------------------------------------

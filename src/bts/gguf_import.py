@@ -129,8 +129,11 @@ def load_gguf(gguf_path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bts import hf_compat
+
     kw = {"gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw,
+                                                 **hf_compat.load_kwargs())
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     return model.eval(), tok
 

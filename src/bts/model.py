@@ -27,8 +27,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from bts import hf_compat
 from bts.eval.interface import sample_next
 from bts.io import BTSError
 from bts.modeling import DecoderParts, decoder_parts, load_causal_lm
@@ -99,22 +99,6 @@ def stitch_placement(num_layers: int, config: StitchConfig) -> list[tuple[int, s
         kind = "e2h" if config.all_e2h or (k - 1 - j) % 2 == 0 else "h2e"
         out.append((after, kind))
     return out
-
-
-_MASK_FNS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-
-
-def _layer_types(config, num_layers: int) -> list[str]:
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        kind = (
-            "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
-        )
-        types = [kind] * num_layers
-    unknown = sorted(set(types) - set(_MASK_FNS))
-    if unknown:
-        raise BTSError(f"unsupported attention layer types {unknown} in {type(config).__name__}")
-    return list(types[:num_layers])
 
 
 class GateRecorder:
@@ -212,7 +196,7 @@ class StitchedLM(nn.Module):
             m.requires_grad_(False)
             m.eval()
         self._parts: list[DecoderParts] = parts
-        self._layer_types = [_layer_types(p.config, self.num_layers) for p in parts]
+        self._layer_types = [hf_compat.layer_types(p.config, self.num_layers) for p in parts]
         device = next(hub.parameters()).device
         # meta-device models (shape-only instantiation, e.g. counting parameters at paper scale): build the stitch
         # layers on meta directly rather than allocating (2n+1)·K·d² floats on the CPU first
@@ -386,17 +370,9 @@ class StitchedLM(nn.Module):
 
         states, masks, rotary = [], [], []
         for i, parts in enumerate(self._parts):
-            cache = caches[i] if use_cache else None
             h = parts.embed_tokens(input_ids)  # [B, T, d]
-            kw = {
-                "config": parts.config,
-                "inputs_embeds": h,
-                "attention_mask": None,
-                "cache": cache,
-                "position_ids": position_ids,
-            }
-            by_type = {lt: _MASK_FNS[lt](**kw) for lt in set(self._layer_types[i])}
-            masks.append([by_type[lt] for lt in self._layer_types[i]])
+            cache = caches[i] if use_cache else None
+            masks.append(hf_compat.causal_masks(parts.config, h, position_ids, cache, self._layer_types[i]))
             rotary.append(parts.rotary_emb(h, position_ids))
             states.append(h)
 
@@ -413,13 +389,10 @@ class StitchedLM(nn.Module):
             )  # experts cannot affect the output after the last stitch
             for i in range(active):
                 block = blocks[i][layer]
-                kw = {
-                    "attention_mask": masks[i][layer],
-                    "position_embeddings": rotary[i],
-                    "position_ids": position_ids,
-                    "cache": caches[i] if use_cache else None,
-                    "use_cache": use_cache,
-                }
+                kw = hf_compat.layer_kwargs(
+                    self._parts[i].layers[layer], attention_mask=masks[i][layer], position_embeddings=rotary[i],
+                    position_ids=position_ids, cache=caches[i] if use_cache else None, use_cache=use_cache,
+                )
                 if checkpointing and states[i].requires_grad:
                     states[i] = torch.utils.checkpoint.checkpoint(block, states[i], use_reentrant=False, **kw)
                 else:

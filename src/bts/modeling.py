@@ -3,6 +3,7 @@ that the stitched model and the upcycling baselines drive layer by layer.
 
 transformers 5.x layout (Llama, Qwen2, Mistral): ``model.model.embed_tokens`` -> ``model.model.rotary_emb`` ->
 ``model.model.layers[i](h, attention_mask=..., position_embeddings=..., position_ids=..., cache=..., use_cache=...)``
+(the cache keyword and mask functions differ across 5.x releases: ``bts.hf_compat``)
 -> ``model.model.norm`` -> ``model.lm_head``.
 """
 
@@ -16,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from bts import hf_compat
 from bts.io import BTSError
 
 
@@ -93,7 +95,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
         raise BTSError(f"not a Hugging Face model directory (no config.json): {path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True
+            path, dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True,
+            **hf_compat.load_kwargs(),
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing / truncated / corrupt weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -12,12 +12,15 @@ Source rewrites (every ``mathematics_dataset.*`` module):
    numpy 1.24) become the Python builtins they aliased.
 3. ``arr.itemset(index, value)`` (removed in numpy 2.0) becomes ``_bts_itemset(arr, index, value)``, which stores
    ``value`` as one element (also a list into an object array, as ``itemset`` did).
+4. ``random.randint`` / ``random.randrange`` become ``_bts_randint`` / ``_bts_randrange``, which accept integral
+   floats as Python 3.10-3.11 did (3.12 removed that: ``numbers.py`` passes ``-10**k / 2``) and then call the
+   same ``random`` functions with ints: the draws, and so the problems, equal 3.11's on every Python version.
 
 Determinism patches (``mathematics_dataset.util.composition``):
 
-4. ``Context.pop`` chose a fresh symbol with ``random.choice(list(a_set_of_str))``: the result depended on string
+5. ``Context.pop`` chose a fresh symbol with ``random.choice(list(a_set_of_str))``: the result depended on string
    hashing (``PYTHONHASHSEED``). It now chooses from ``sorted(...)``.
-5. ``expand_entities`` de-duplicated ``Entity`` objects through a ``set`` (ordered by ``id()``, i.e. by memory
+6. ``expand_entities`` de-duplicated ``Entity`` objects through a ``set`` (ordered by ``id()``, i.e. by memory
    address) before shuffling them: it now de-duplicates in first-seen order.
 
 Remaining hash-order dependence (e.g. sets of sympy expressions inside sympy itself) is removed by running the
@@ -32,6 +35,7 @@ import ast
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import operator
 import random
 import sys
 import warnings
@@ -49,6 +53,7 @@ PATCHES = (
     "import: sympy.solvers.diophantine.base_solution_linear -> sympy.solvers.diophantine.diophantine",
     "numpy: np.object/np.int/np.float/np.bool/np.complex/np.str -> builtins",
     "numpy: ndarray.itemset(index, value) -> element assignment",
+    "python 3.12: random.randint/randrange accept integral floats (as 3.10-3.11 did)",
     "determinism: composition.Context.pop chooses from sorted(symbols)",
     "determinism: composition.expand_entities de-duplicates entities in first-seen order",
 )
@@ -72,6 +77,31 @@ def _bts_itemset(arr, *args):
         # assigning a sequence to one element of an object array stores the sequence itself
         arr[idx] = None
     arr[idx] = value
+
+
+def _as_index(value, position: int):
+    """An argument of ``randrange`` as Python 3.10-3.11 took it: an int, or a float equal to an int."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        as_int = int(value)
+        if as_int != value:
+            raise ValueError(f"non-integer arg {position} for randrange()") from None
+        return as_int
+
+
+def _bts_randint(a, b):
+    """``random.randint`` accepting integral floats (Python <= 3.11 semantics, same draws)."""
+    return random.randint(_as_index(a, 1), _as_index(b, 2))
+
+
+def _bts_randrange(start, stop=None, step=1):
+    """``random.randrange`` accepting integral floats (Python <= 3.11 semantics, same draws)."""
+    stop = None if stop is None else _as_index(stop, 2)
+    return random.randrange(_as_index(start, 1), stop, _as_index(step, 3))
+
+
+_RANDOM_SHIMS = {"randint": "_bts_randint", "randrange": "_bts_randrange"}
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -101,6 +131,15 @@ class _Rewriter(ast.NodeTransformer):
                          keywords=[]),
                 node,
             )
+        func = node.func
+        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "random"
+                and func.attr in _RANDOM_SHIMS):
+            self.changes += 1
+            return ast.copy_location(
+                ast.Call(func=ast.Name(id=_RANDOM_SHIMS[func.attr], ctx=ast.Load()), args=node.args,
+                         keywords=node.keywords),
+                node,
+            )
         return node
 
 
@@ -120,7 +159,7 @@ class _PatchingLoader(importlib.machinery.SourceFileLoader):
         return compile(rewrite_source(source, path), path, "exec", dont_inherit=True)
 
     def exec_module(self, module):
-        module.__dict__["_bts_itemset"] = _bts_itemset
+        module.__dict__.update(_bts_itemset=_bts_itemset, _bts_randint=_bts_randint, _bts_randrange=_bts_randrange)
         super().exec_module(module)
         post = _POST_IMPORT.get(module.__name__)
         if post is not None:
