@@ -22,10 +22,11 @@ def _loader(n: int = 8, t: int = 12) -> DataLoader:
     return DataLoader(rows, batch_size=2)
 
 
-def _fit(module: StitchModule, steps: int = 3) -> None:
+def _fit(module: StitchModule, steps: int = 3, precision: str = "32-true") -> None:
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         max_steps=steps,
+        precision=precision,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -75,6 +76,42 @@ def test_training_touches_only_stitch_and_writes_checkpoint(tmp_path, saved_llam
     ckpt = {"state_dict": dict(module.state_dict())}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all(k.startswith("model.stitch_layers.") for k in ckpt["state_dict"])
+
+
+def test_frozen_models_held_in_bf16_stay_bit_identical(tmp_path, saved_llama_family):
+    """Under bf16-mixed the frozen models are held in bfloat16 (frozen_dtype auto): after training they equal the
+    loaded weights cast once, the stitch tensors stay float32 and train, and the checkpoint pins the models as
+    loaded (fp32), so it loads and evaluates over the directories as usual."""
+    seed_dir, dirs = saved_llama_family
+    module = StitchModule(hub=str(seed_dir), experts=[str(d) for d in dirs], stitch=StitchConfig(num_stitch_layers=2),
+                          warmup_steps=1, output_dir=str(tmp_path / "bts"))
+    as_loaded = {k: v.clone() for k, v in _frozen_state(module.model).items()}
+    fp32 = StitchedLM.from_pretrained_dirs(seed_dir, dirs, num_stitch_layers=2).eval()
+    _fit(module, precision="bf16-mixed")
+    after = _frozen_state(module.model)
+    assert all(v.dtype == torch.bfloat16 for v in after.values())
+    assert all(torch.equal(after[k], as_loaded[k].to(torch.bfloat16)) for k in after)
+    assert all(p.dtype == torch.float32 for p in module.model.stitch_layers.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(module.model.stitch_state_dict().values(),
+                                                     fp32.stitch_state_dict().values()))
+    loaded = load_stitched(tmp_path / "bts").eval()  # fp32 models from the directories, checked by sha256
+    # the same stitch weights over fp32 and bf16-held models under bf16 autocast: the mean NLL agrees within 1 %
+    fp32.load_stitch_state_dict(loaded.stitch_state_dict())
+    x = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = [torch.nn.functional.cross_entropy(m(x)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+               for m in (module.model.eval(), fp32)]
+    assert abs(float(nll[0] / nll[1]) - 1) < 0.01
+
+
+def test_bad_frozen_dtype_is_refused(saved_llama_family):
+    seed_dir, dirs = saved_llama_family
+    with pytest.raises(BTSError, match="frozen_dtype"):
+        StitchModule(hub=str(seed_dir), experts=[str(dirs[0])], frozen_dtype="fp8")
+
+
+def _frozen_state(model: StitchedLM) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p for i, m in enumerate(model.models) for n, p in m.state_dict().items()}
 
 
 def _slices(model: StitchedLM, idx: list[int]) -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
@@ -28,12 +27,15 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from bts import flops
 from bts.eval.interface import greedy_or_sample_uncached
 from bts.eval.perplexity import DomainPerplexity, token_nll
 from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir
+from bts.losses import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 from bts.modeling import LlamaArch, build_llama, check_tokenizer_fits, load_causal_lm
 from bts.params import ParamCounts, count_params
 from bts.schedule import warmup_cosine
+from bts.throughput import StageClock, compute_dtype, matmul_peak, mfu
 
 
 class LMTrainingModule(L.LightningModule):
@@ -45,6 +47,8 @@ class LMTrainingModule(L.LightningModule):
     """
 
     artifact_kind: ClassVar[str | None] = None
+    loss_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
+    """Tokens per chunk of the LM-head cross-entropy when the module exposes ``hidden_and_head``."""
 
     def __init__(
         self,
@@ -64,8 +68,12 @@ class LMTrainingModule(L.LightningModule):
         self.output_dir = output_dir
         self._ppl: dict[str, DomainPerplexity] = {}
         self._tokens_seen = 0
-        self._train_time = 0.0
-        self._t0: float | None = None
+        self._seq_len: int | None = None
+        self._clock = StageClock()
+        self._clock_paused_for_eval = False
+        self._loss_finite: torch.Tensor | None = None  # device flag over the micro-batches of the current step
+        self._last_loss: torch.Tensor | None = None
+        self._last_batch_idx = 0
         self._rng_base_seed = int(torch.initial_seed()) % (2**63)
         if output_dir is not None:
             ensure_writable_dir(Path(output_dir).parent)
@@ -94,28 +102,53 @@ class LMTrainingModule(L.LightningModule):
     def save_artifact(self, out_dir: Path) -> None:
         """Write the trained artifact into ``out_dir`` (a fresh temporary directory)."""
 
+    def hidden_and_head(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, nn.Linear] | None:
+        """The final hidden states ``[B, T, d]`` and the bias-free LM head they feed, so that the loss applies the
+        head chunk by chunk (``bts.losses``); None (the default): the loss reads ``forward``'s logits."""
+        return None
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Model FLOPs of one training token at context ``seq_len`` (``bts.flops``), for MFU; None: not counted."""
+        return None
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW parameter groups: weight decay on matrices, none on vectors (norm gains)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, do_sample=False, temperature=1.0, generator=None):
         return greedy_or_sample_uncached(self, input_ids, max_new_tokens, eos_token_id, do_sample, temperature, generator)
 
     # --- training --------------------------------------------------------------------------------------------
     def lm_loss(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        logits = self(input_ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        """Mean next-token cross-entropy (plus ``extra_loss``); through ``hidden_and_head`` when the module has it."""
+        targets = input_ids[:, 1:].flatten()
+        out = self.hidden_and_head(input_ids)
+        if out is not None:
+            hidden, head = out
+            loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head, targets, self.loss_chunk_tokens)
+        else:
+            loss = F.cross_entropy(self(input_ids)[:, :-1].flatten(0, 1).float(), targets)
         extra = self.extra_loss()
         return loss if extra is None else loss + extra
 
     def training_step(self, batch, batch_idx):
         input_ids = batch["input_ids"]
         loss = self.lm_loss(input_ids)
-        if not torch.isfinite(loss):
-            raise BTSError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step + 1} (batch {batch_idx}); "
-                "stopping before the optimizer step (the last checkpoint written is kept)"
-            )
+        # checked once per optimizer step with the gradients (one host sync, on_before_optimizer_step)
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss, self._last_batch_idx = loss.detach(), batch_idx
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         self._tokens_seen += input_ids.numel()
+        self._seq_len = int(input_ids.shape[1])
         return loss
 
     def setup(self, stage: str) -> None:
@@ -136,19 +169,29 @@ class LMTrainingModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         seed = hash_seed(self._rng_base_seed, self.global_step, batch_idx, self.global_rank)
         torch.manual_seed(seed)
-        self._t0 = time.perf_counter()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop on a non-finite gradient (one norm per parameter, one host sync per step)."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return  # fp16 loss scaling: the scaler skips steps with inf/nan gradients by design
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not named:
+        """Stop on a non-finite loss or gradient before the step: one flag per parameter's gradient norm and the
+        losses of the step's micro-batches, read with one host sync per optimizer step. Under fp16 loss scaling the
+        scaler skips steps with inf/nan gradients by design, so only the loss is checked there."""
+        loss_ok, self._loss_finite = self._loss_finite, None
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        named = [] if scaled else [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        flags = [loss_ok.reshape(1)] if loss_ok is not None else []
+        if named:
+            flags.append(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(
+                [g.detach() for _, g in named])])))
+        if not flags:
             return
-        norms = torch.stack([n.float() for n in torch._foreach_norm([g.detach() for _, g in named])])
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):
-            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+        flags = torch.cat([f.to(flags[-1].device) for f in flags]).cpu()  # the one sync
+        if loss_ok is not None and not bool(flags[0]):
+            raise BTSError(
+                f"non-finite training loss ({self._last_loss.item()}) at step {self.global_step + 1} (batch "
+                f"{self._last_batch_idx}); stopping before the optimizer step (the last checkpoint written is kept)"
+            )
+        grads_ok = flags[1:] if loss_ok is not None else flags
+        if not bool(grads_ok.all()):
+            bad = [n for (n, _), ok in zip(named, grads_ok.tolist()) if not ok]
             raise BTSError(
                 f"non-finite gradient at step {self.global_step + 1} in {len(bad)} parameter(s) (first: {bad[0]}); "
                 "stopping before the optimizer step (the last checkpoint written is kept)"
@@ -160,22 +203,52 @@ class LMTrainingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_base_seed = int(checkpoint.get("bts_rng_base_seed", self._rng_base_seed))
 
+    # --- throughput: training time without evaluation, GPU synchronised at the boundaries only ------------
+    def on_train_start(self) -> None:
+        self._clock.start(self.device)
+
+    def on_validation_start(self) -> None:
+        if self.trainer is not None and self.trainer.training and self._clock._since is not None:
+            self._clock.pause(self.device)
+            self._clock_paused_for_eval = True
+
+    def on_validation_end(self) -> None:
+        if self._clock_paused_for_eval:
+            self._clock_paused_for_eval = False
+            self._clock.resume(self.device)
+
+    def on_train_end(self) -> None:
+        self._clock.pause(self.device)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._t0 is not None:
-            self._train_time += time.perf_counter() - self._t0
-            if self._train_time > 0:
-                self.log("train/tokens_per_s", self._tokens_seen / self._train_time, on_step=True, on_epoch=False)
+        elapsed = self._clock.elapsed()
+        if elapsed > 0:
+            self.log("train/tokens_per_s", self._tokens_seen / elapsed, on_step=True, on_epoch=False)
+
+    def throughput(self) -> dict:
+        """tokens/s of training and MFU against the measured matmul peak of the device in the training's dtype."""
+        seconds = self._clock.seconds
+        tokens_per_s = self._tokens_seen / seconds if seconds > 0 else None
+        per_token = self.flops_per_token(self._seq_len) if self._seq_len else None
+        try:
+            precision = getattr(self.trainer, "precision", None) if self._trainer is not None else None
+            peak = matmul_peak(self.device, compute_dtype(precision, self.device))
+        except (RuntimeError, ValueError):  # a device that cannot run the probe: report tokens/s alone
+            peak = None
+        util = mfu(tokens_per_s, per_token, peak and peak["flops"])
+        return {"train_seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+                "seq_len": self._seq_len, "flops_per_token": per_token,
+                "model_tflops_per_s": round(tokens_per_s * per_token / 1e12, 3) if tokens_per_s and per_token
+                else None, "mfu": round(util, 4) if util is not None else None, "peak": peak}
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [g for g in self.optimizer_groups() if g["params"]]
+        params = [p for g in groups for p in g["params"]]
         if not params:
             raise BTSError(f"{type(self).__name__} has no trainable parameters")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        # the fused kernel (one launch for every tensor) where every trained tensor is on a GPU
+        fused = all(p.is_cuda for p in params)
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **({"fused": True} if fused else {}))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
@@ -231,14 +304,16 @@ class LMTrainingModule(L.LightningModule):
             if self.artifact_kind is not None:
                 atomic_write_json(tmp / "artifact.json", {"kind": self.artifact_kind})
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+            throughput = self.throughput()
             atomic_write_json(
                 tmp / "training.json",
                 {
                     "module": type(self).__name__,
                     "global_step": int(self.global_step),
                     "tokens_seen": int(self._tokens_seen),
-                    "train_seconds": round(self._train_time, 3),
-                    "tokens_per_s": round(self._tokens_seen / self._train_time, 1) if self._train_time else None,
+                    "train_seconds": throughput["train_seconds"],
+                    "tokens_per_s": throughput["tokens_per_s"],
+                    "throughput": throughput,
                     "params": self.param_counts().to_dict(),
                     "lr": self.lr,
                     "min_lr_ratio": self.min_lr_ratio,
@@ -311,6 +386,19 @@ class CausalLMModule(LMTrainingModule):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    def hidden_and_head(self, input_ids: torch.LongTensor):
+        head = self.model.get_output_embeddings()
+        if not _plain_head(self.model, head):
+            return None
+        return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state, head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward, input gradients, and weight gradients of every matrix that trains (a frozen head: none)."""
+        total = flops.dense_train_flops(self.model.config, seq_len)
+        if not self.model.get_output_embeddings().weight.requires_grad:
+            total -= flops.head_forward_flops(self.model.config)
+        return total
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
@@ -324,6 +412,16 @@ class CausalLMModule(LMTrainingModule):
 
 
 FREEZABLE = ("embeddings", "final_norm", "head")
+
+# configs whose logits are not just head(hidden): they keep the plain logits loss
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _plain_head(model, head) -> bool:
+    """Whether ``model``'s logits are exactly ``head(last_hidden_state)`` (a bias-free linear head, nothing after)."""
+    if not isinstance(head, nn.Linear) or head.bias is not None or not hasattr(model, "model"):
+        return False
+    return not any(getattr(model.config, k, None) not in (None, 1.0) for k in _LOGIT_TRANSFORMS)
 
 
 def _freezable_part(model, part: str) -> nn.Module:

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from bts import hf_compat
 from bts.eval.interface import sample_next
-from bts.io import BTSError
+from bts.io import BTSError, state_dict_sha256
 from bts.modeling import DecoderParts, decoder_parts, load_causal_lm
 from bts.params import ParamCounts, count_params
 from bts.stitch import STITCH_INITS, StitchLayer
@@ -214,6 +214,8 @@ class StitchedLM(nn.Module):
         """True when this model was loaded with the ``allow_changed_models`` override (see ``changed_models``)."""
         self.changed_models: list[str] = []
         """Names of frozen models whose weights differ from the checkpoint manifest (override in effect)."""
+        self.frozen_sha256: list[str] | None = None
+        """The frozen models' identities as loaded, when they are held in another dtype (``hold_frozen_in``)."""
 
     @staticmethod
     def _dims(parts: DecoderParts) -> dict[str, int]:
@@ -298,6 +300,16 @@ class StitchedLM(nn.Module):
         except RuntimeError as e:
             raise BTSError(f"stitch weights do not fit this model: {str(e).splitlines()[0]}") from None
 
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """Hold every frozen model in ``dtype`` (bfloat16 under bf16 training: the weights are not re-cast at every
+        step, and the residual streams are bfloat16 as in the models' own bf16 inference). The stitch layers keep
+        their dtype. The models' identities (``frozen_sha256``, pinned by stitch checkpoints) are those of the
+        weights as loaded, taken before the first cast."""
+        if self.frozen_sha256 is None:
+            self.frozen_sha256 = [state_dict_sha256(m.state_dict()) for m in self.models]
+        for m in self.models:
+            m.to(dtype)
+
     def train(self, mode: bool = True) -> StitchedLM:
         """Stitch layers follow ``mode``; the frozen models always stay in eval mode."""
         super().train(mode)
@@ -355,6 +367,21 @@ class StitchedLM(nn.Module):
         With ``caches`` (one per model, hub first; see ``new_caches``) the keys/values of these tokens are appended
         to each model's own cache and positions start at ``past_length`` (default: the caches' current length).
         """
+        return self.output_head(self.hidden_states(input_ids, caches, past_length))
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The hub's LM head: the model's output layer (its input is ``hidden_states``)."""
+        return self._parts[0].lm_head
+
+    def hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        caches: Sequence[DynamicCache] | None = None,
+        past_length: int | None = None,
+    ) -> torch.Tensor:
+        """The hub's final-normed hidden states ``[B, T, d]`` after the last E2H mixture (``forward`` without the
+        head; the training loss applies the head chunk by chunk, ``bts.losses``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         n_models = len(self.models)
@@ -404,8 +431,7 @@ class StitchedLM(nn.Module):
                 if self._recorder is not None and stitch.kind == "e2h":
                     self._recorder._add(j, stitch.last_gates)
         self._check_gates_finite()
-        hub = self._parts[0]
-        return hub.lm_head(hub.norm(states[0]))  # [B, T, V]
+        return self._parts[0].norm(states[0])  # [B, T, d]
 
     def _check_gates_finite(self) -> None:
         """One host sync for all K stitch layers' gate checks; the error names the first bad layer."""

@@ -106,7 +106,7 @@ def write_stitch_files(
 
 def write_stitched(model: StitchedLM, out_dir: str | Path, extra: dict | None = None) -> None:
     """Write ``model``'s stitch checkpoint into an existing directory (e.g. the training's atomic temp dir)."""
-    shas = [model_sha256(m) for m in model.models]
+    shas = model.frozen_sha256 or [model_sha256(m) for m in model.models]
     entries = [
         _entry(name, "hub" if i == 0 else "expert", src, sha)
         for i, (name, src, sha) in enumerate(zip(model.names, model.sources, shas))

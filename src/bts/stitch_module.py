@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from bts import flops
 from bts.io import BTSError
 from bts.lm import LMTrainingModule
 from bts.model import StitchConfig, StitchedLM
 from bts.modeling import check_tokenizer_fits
 from bts.params import ParamCounts
-from bts.schedule import warmup_cosine
+
+FROZEN_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class StitchModule(LMTrainingModule):
@@ -48,6 +50,7 @@ class StitchModule(LMTrainingModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        frozen_dtype: str = "auto",
     ):
         """
         Args:
@@ -69,8 +72,15 @@ class StitchModule(LMTrainingModule):
             weight_decay: AdamW weight decay on the stitch matrices.
             betas: AdamW betas.
             output_dir: where the stitch checkpoint (``stitch.safetensors`` + ``bts.json``) is written after fit.
+            frozen_dtype: dtype the frozen hub and experts are held in: ``auto`` (bfloat16 when the trainer's
+                precision is bf16, else as loaded), ``float32`` or ``bfloat16``. Under bf16 autocast an fp32 frozen
+                weight is cast to bf16 in every forward; held in bf16 it is not, and the models run as in their own
+                bf16 inference. The weights stay bit-identical in the held dtype; the stitch layers stay float32.
         """
         super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        if frozen_dtype not in FROZEN_DTYPES:
+            raise BTSError(f"model.init_args.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got "
+                           f"{frozen_dtype!r}")
         config = stitch if stitch is not None else StitchConfig()
         if isinstance(config, dict):
             config = StitchConfig(**config)
@@ -139,6 +149,22 @@ class StitchModule(LMTrainingModule):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.model(input_ids)
 
+    def hidden_and_head(self, input_ids: torch.LongTensor):
+        return self.model.hidden_states(input_ids), self.model.output_head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The BTS step (``bts.flops.stitched_train_flops``): n+1 forwards, the backward the stitch gradients need."""
+        return flops.stitched_train_flops(self.model._parts[0].config, self.model.n_experts, self.model.placement(),
+                                          seq_len)
+
+    def frozen_torch_dtype(self) -> torch.dtype | None:
+        """The dtype ``frozen_dtype`` asks for under this trainer (None: keep the loaded dtype)."""
+        want = self.hparams.get("frozen_dtype", "auto")
+        if want == "auto":
+            precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
+            return torch.bfloat16 if precision.startswith("bf16") else None
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[want]
+
     @torch.no_grad()
     def generate(
         self, input_ids, max_new_tokens, eos_token_id=None, do_sample=False, temperature=1.0, generator=None
@@ -155,23 +181,22 @@ class StitchModule(LMTrainingModule):
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         check_tokenizer_fits(getattr(dm, "tokenizer", None), self.model.vocab_size, "the stitched models'")
+        dtype = self.frozen_torch_dtype()
+        if dtype is not None and dtype != next(self.model.hub.parameters()).dtype:
+            self.model.hold_frozen_in(dtype)
 
     # --- train_only_new: gradient masks --------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def optimizer_groups(self) -> list[dict]:
+        """With ``train_only_new``: the masked stitch tensors in a group without weight decay (the new entries' decay
+        is applied by hand, ``on_before_optimizer_step``); else the shared groups."""
         if not self._grad_masks:
-            return super().configure_optimizers()
+            return super().optimizer_groups()
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        masked = [p for n, p in named if n in self._grad_masks]
+        groups = [{"params": [p for n, p in named if n in self._grad_masks], "weight_decay": 0.0, "bts_masked": True}]
         free = [p for n, p in named if n not in self._grad_masks]
-        groups = [{"params": masked, "weight_decay": 0.0, "bts_masked": True}]
         if free:  # cannot happen today (every stitch tensor is masked); kept for safety
             groups.append({"params": free, "weight_decay": self.weight_decay})
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, self.warmup_steps, total, self.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return groups
 
     def _masked_params(self):
         params = dict(self.named_parameters())
