@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/gpu_check.py              # on a CUDA machine, from the repository root
     .venv/bin/python benchmarks/gpu_check.py --no-compile # skip the torch.compile variant (~1 min of compiling)
     .venv/bin/python benchmarks/gpu_check.py --allow-cpu  # dry run of the code paths on CPU (no FSDP part)
+    .venv/bin/python benchmarks/gpu_check.py --sizes smol --only-sizes  # SmolLM2 shape only (~2-3 min)
 
 Sections (each one is timed and catches its own errors, so one failure does not hide the others):
 
@@ -13,6 +14,8 @@ Sections (each one is timed and catches its own errors, so one failure does not 
   layers alone before/after, cached generation tok/s ratio (target ≥ 0.8), peak memory from
   ``torch.cuda.max_memory_allocated`` (above the memory held before the steps) for the frozen baseline, stitch
   training (± checkpointing) and a dense fine-tune of one model, and MFU against a measured bf16 matmul peak.
+* ``sizes.smol``: SmolLM2-135M shape, the training-loop levers one at a time (``benchmarks/bench_smol.py``):
+  ``expert_mfu`` (dense continued pretraining), ``mfu`` (the BTS step), ``eval_mfu`` and Lightning's overhead.
 * ``lightning_bf16``: ``StitchModule`` fit a few steps with ``Trainer(accelerator="gpu", precision="bf16-mixed")``:
   finite loss, frozen weights bit-identical, stitch weights trained and still fp32, no ``.grad`` on frozen params.
 * ``fsdp_bts`` / ``fsdp_expert``: ``configs/bts/fsdp_gpu.yaml`` and ``configs/experts/fsdp_gpu.yaml`` parsed by the
@@ -45,6 +48,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import bench_bts as B  # noqa: E402
+import bench_smol  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -254,7 +258,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     ap.add_argument("--allow-cpu", action="store_true", help="dry run on CPU (fp32/bf16 autocast, no FSDP)")
-    ap.add_argument("--sizes", default="tiny,d512")
+    ap.add_argument("--sizes", default="tiny,d512", help="comma-separated: tiny, d512, smol (SmolLM2-135M shape)")
+    ap.add_argument("--only-sizes", action="store_true", help="skip the Lightning and FSDP sections")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
@@ -277,9 +282,16 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = True
     res["sizes"] = {}
     for name in args.sizes.split(","):
+        if name == "smol":  # SmolLM2-135M shape: the training-loop levers as MFU (benchmarks/bench_smol.py)
+            section(res["sizes"], name, lambda: bench_smol.bench_smol(device, compile_ok=not args.no_compile))
+            continue
         # compile only while the budget allows (it is the slowest part)
         compile_ok = not args.no_compile and time.perf_counter() - T_START < 60
         section(res["sizes"], name, lambda name=name, c=compile_ok: bench_size(name, device, torch.bfloat16, c))
+    if args.only_sizes:
+        res["wall_s"] = time.perf_counter() - T_START
+        print(json.dumps(_round(res), default=str))
+        return 0
     section(res, "lightning_bf16", lambda: lightning_bf16(device))
     if cuda:
         section(res, "fsdp_bts", lambda: fsdp_run("configs/bts/fsdp_gpu.yaml", "bts"))

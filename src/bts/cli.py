@@ -195,6 +195,8 @@ def run_lightning(args: list[str], run: bool = True):
     install(progress=progress_wanted(args))
     # `bts fit ...` passes its own argv as args=: Lightning's warning about args + sys.argv does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    from bts.progress import ProgressLog
+
     cli_class, save_config = _cli_classes()
     cli = cli_class(
         L.LightningModule,
@@ -205,6 +207,8 @@ def run_lightning(args: list[str], run: bool = True):
         save_config_callback=save_config,
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
+        # step / loss / tokens/s / ETA lines wherever no progress bar shows them (logs, reproduce stages, jobs)
+        trainer_defaults={"callbacks": [ProgressLog()]},
         # parser errors raise (and main prints them as one line) instead of printing the usage and exiting
         parser_kwargs={"exit_on_error": False},
         args=args,

@@ -50,6 +50,9 @@ class StageSpec:
     args: list[str] = field(default_factory=list)
     report: str = "method"  # "method" | "ablation" | "none" (an intermediate stage, not a table row)
     exclusive: bool = False  # in a parallel run: runs alone, with every core (e.g. the seed: all else waits on it)
+    # task groups / metrics evaluated on this stage besides the profile's (e.g. the costly generation tasks on a few
+    # stages); the tables' average covers only the tasks every method has
+    extra_eval_tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +103,14 @@ def load_profile(name_or_path: str) -> Profile:
             raise BTSError(f"{path}: stage {s.get('name')}: unknown key '{bad[0]}'")
         stages.append(StageSpec(**s))
     raw["stages"] = stages
+    for stage in stages:  # a typo in a task name fails here, not after the stage has trained
+        if stage.extra_eval_tasks:
+            from bts.eval.suite import resolve_tasks
+
+            try:
+                resolve_tasks(stage.extra_eval_tasks)
+            except BTSError as e:
+                raise BTSError(f"{path}: stage {stage.name}: extra_eval_tasks: {e}") from None
     return Profile(**raw)
 
 
@@ -257,8 +268,9 @@ class Pipeline:
         if resume is None and ckpt_dir and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         self._mark(stage.name, h, "started")
-        if not self.progress:  # not part of the stage hash: a progress bar does not change what is trained
-            args.append("--trainer.enable_progress_bar=false")
+        # not part of the stage hash (a display setting): stages report progress as lines (bts.progress), which
+        # read well in a console and in the stage logs of a parallel run, where a bar would not
+        args.append("--trainer.enable_progress_bar=false")
         self.log(f"{stage.name}: bts {' '.join(args)}")
         t = time.perf_counter()
         cli = run_lightning(args[1:], run=False)
@@ -417,8 +429,14 @@ class Pipeline:
 
     def _eval_tasks(self, stage: StageSpec) -> list[str] | None:
         if stage.report == "ablation" and self.p.ablation_eval_tasks is not None:
-            return list(self.p.ablation_eval_tasks)
-        return None if self.p.eval_tasks is None else list(self.p.eval_tasks)
+            base = list(self.p.ablation_eval_tasks)
+        else:
+            base = None if self.p.eval_tasks is None else list(self.p.eval_tasks)
+        if not stage.extra_eval_tasks:
+            return base
+        from bts.eval.suite import DEFAULT_TASKS
+
+        return [*(DEFAULT_TASKS if base is None else base), *stage.extra_eval_tasks]
 
     def prepare(self, stage: StageSpec) -> Prepared:
         """Resolve a stage's config and compute its hash (cheap; no training)."""
@@ -515,7 +533,12 @@ class Pipeline:
                     running[fut] = (stage, time.perf_counter(), log)
                 if not running:  # cannot happen with stages in dependency order (prepare() checks it)
                     raise BTSError(f"no stage can start: {', '.join(s.name for s in pending)}")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                if not done:  # a heartbeat: what runs, for how long, and its last progress line
+                    now = time.perf_counter()
+                    self.log("running: " + "; ".join(
+                        f"{s.name} {now - started:.0f} s" + (f" ({line})" if (line := _last_progress(log)) else "")
+                        for s, started, log in running.values()))
                 for fut in done:
                     stage, started, log = running.pop(fut)
                     try:
@@ -561,6 +584,22 @@ def _seed_params(class_path: str | None) -> dict[str, int]:
         return {}  # the Lightning CLI reports a bad class_path itself, with a better message
     params = inspect.signature(cls.__init__).parameters.values()
     return {p.name: p.default for p in params if _is_seed(p.name, p.default)}
+
+
+HEARTBEAT_S = 60.0
+"""Seconds between the heartbeat lines of a parallel run (each running stage and its last progress line)."""
+
+
+def _last_progress(log: Path) -> str | None:
+    """The last ``bts.progress`` line of a stage log, without its ``[name]`` prefix (None: none yet)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 8192))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    hit = next((ln for ln in reversed(lines) if "] step " in ln), None)
+    return hit.split("] ", 1)[1].strip() if hit else None
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -785,7 +824,9 @@ def _reproduce(profile: Profile, results_dir: Path, args) -> int:
         summary.add_cell_cis(merged[kind], per_seed_items)
     no_signal = summary.no_signal(merged["methods"], chance)
     tasks = sorted({t for e in merged["methods"].values() for t in e.get("tasks", {}) if not t.endswith("_std")})
-    signal = [t for t in tasks if t not in no_signal]
+    # the average (and the claims on it) covers the tasks with signal that every method was scored on
+    signal = [t for t in tasks if t not in no_signal
+              and all(t in e.get("tasks", {}) for e in merged["methods"].values())]
     for entries in per_seed:  # avg over the tasks with signal, per seed, then mean ± std like every other float
         for kind in ("methods", "ablations"):
             for e in entries[kind].values():

@@ -17,6 +17,7 @@ from bts.data.corpus import DOMAINS
 from bts.io import BTSError
 
 _OPTIONAL_INT = ("max_context", "humaneval_items")
+PRECISIONS = ("32", "bf16-mixed")
 
 
 @dataclass
@@ -90,6 +91,13 @@ class EvalConfig:
     """Tokens per forward pass when scoring multiple-choice rows (rows of equal length are batched)."""
     ci_resamples: int = 1000
     """Bootstrap resamples of the 95 % intervals (``ppl_ci``, ``tasks_ci``)."""
+    precision: str = "32"
+    """``32`` (the model's own dtype) or ``bf16-mixed``: matmuls under bfloat16 autocast, as Lightning's
+    ``bf16-mixed`` trains (GPU profiles; the weights and the log-softmax stay float32)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BTSError(f"EvalConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> EvalConfig:

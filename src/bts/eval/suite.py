@@ -45,6 +45,7 @@ bootstrap generators seeded from ``seed``; no other randomness.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 
@@ -116,6 +117,13 @@ def _ci(cell: Mapping, cfg: EvalConfig) -> list[float] | None:
     return cell_ci(cell["num"], cell["den"], cell["kind"], b=cfg.ci_resamples, seed=cfg.seed)
 
 
+def _autocast(cfg: EvalConfig, device: torch.device):
+    """bfloat16 autocast for ``precision: bf16-mixed``, else nothing."""
+    if cfg.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def evaluate(
     model,
     tokenizer,
@@ -150,7 +158,7 @@ def evaluate(
     if isinstance(model, nn.Module):
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(cfg, ctx.device):
             if run_ppl:
                 t0 = time.perf_counter()
                 for domain in cfg.ppl_domains:
