@@ -386,3 +386,21 @@ def test_pick_distractors():
     got = pick_distractors("q", ["long string", "tiny", "x" * 50], 1, random.Random(0), near=1,
                            lengths=lambda xs: [len(x.split()) for x in xs])
     assert got in (["tiny"], ["x" * 50])
+
+
+def test_batched_span_scoring_equals_one_pass_per_document(tok, data):
+    """span_batch_tokens > 0 right-pads documents into shared passes: for a causal model (float64, so that batch
+    shapes cannot move an argmax) every document's hits equal those of its own pass; an oracle that knows the
+    documents gets nearly every span right in both, so the comparison is not vacuous."""
+    model = HFLanguageModel(tiny_llama(3, vocab=len(tok)).double())
+    cfg = EvalConfig(code_items=12, general_items=12)
+    one = evaluate(model, tok, tasks="code_next_line_em,general_next_word_acc", cfg=cfg, data=data, progress=False)
+    batched = evaluate(model, tok, tasks="code_next_line_em,general_next_word_acc",
+                       cfg=EvalConfig(**{**cfg.to_dict(), "span_batch_tokens": 300}), data=data, progress=False)
+    for name in ("code_next_line_em", "general_next_word_acc"):
+        assert batched["items"][name] == one["items"][name], name
+    oracle = _oracle(data, tok, [])
+    runs = [evaluate(oracle, tok, tasks="general_next_word_acc",
+                     cfg=EvalConfig(**{**cfg.to_dict(), "span_batch_tokens": n}), data=data, progress=False)
+            for n in (0, 300)]
+    assert runs[0]["items"] == runs[1]["items"] and runs[1]["tasks"]["general_next_word_acc"] > 90

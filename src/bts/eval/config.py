@@ -70,6 +70,9 @@ class EvalConfig:
     check_correctness, unisolated: needs ``allow_unsafe_exec``)."""
     allow_unsafe_exec: bool = False
     """Run completions even where the sandbox is unavailable (``bts eval --allow-unsafe-exec``)."""
+    span_batch_tokens: int = 0
+    """Teacher-forced span tasks: 0 = one forward pass per document; N > 0 = documents batched, right-padded, up to
+    N tokens per pass (GPU profiles; ``bts.eval.tasks.scoring.span_hits``)."""
     general_items: int = 400
     """Held-out general-text paragraphs for next-word accuracy (teacher-forced)."""
     math_mc_items: int = 400

@@ -154,6 +154,7 @@ def span_exact_matches(scores: torch.Tensor, input_ids: torch.Tensor, spans: Seq
         return []
     correct = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     correct[1:] = scores[:-1].argmax(-1) == input_ids[1:]
+    correct = correct.cpu()  # one transfer, not a device sync per span
     out = []
     for a, b in spans:
         if not (1 <= a < b <= input_ids.shape[0]):

@@ -182,9 +182,13 @@ def run_mc(ctx: Context, name: str, items: Sequence[MCItem]) -> TaskOutput:
 
 def span_hits(ctx: Context, records: Sequence[dict], spans_fn, desc: str) -> tuple[list[int], list[int]]:
     """Teacher-forced greedy exact match of the character spans ``spans_fn(text)`` (all but the first span are
-    scored; spans must fit the context): per record with at least one scored span, (hits, scored spans)."""
-    hits, totals = [], []
-    for rec in ctx.bar(records, desc):
+    scored; spans must fit the context): per record with at least one scored span, (hits, scored spans).
+
+    With ``EvalConfig.span_batch_tokens`` > 0, documents (longest first) share forward passes, right-padded to the
+    longest row: every method scores causally, so a position never sees the padding after it and the scores of a
+    document's own positions are those of its own pass (up to the rounding of another batch shape)."""
+    docs = []
+    for rec in records:
         text = str(rec["text"])
         enc = ctx.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = ctx.prefix + list(enc["input_ids"])
@@ -192,13 +196,32 @@ def span_hits(ctx: Context, records: Sequence[dict], spans_fn, desc: str) -> tup
         tok_spans = char_to_token_spans(enc["offset_mapping"], spans_fn(text))[1:]
         tok_spans = [(a + shift, b + shift) for a, b in (s for s in tok_spans if s is not None)]
         tok_spans = [(a, b) for a, b in tok_spans if a >= 1 and b <= ctx.seq_len]
-        if not tok_spans:
-            continue
-        ids = ids[: max(b for _, b in tok_spans)]
-        res = span_exact_matches(ctx.scores(ids), torch.tensor(ids, device=ctx.device), tok_spans)
-        hits.append(sum(res))
-        totals.append(len(res))
-    return hits, totals
+        if tok_spans:
+            docs.append((ids[: max(b for _, b in tok_spans)], tok_spans))
+    results: list[list[bool] | None] = [None] * len(docs)
+    budget = ctx.cfg.span_batch_tokens
+    if budget <= 0:
+        for i, (ids, spans) in enumerate(ctx.bar(docs, desc)):
+            results[i] = span_exact_matches(ctx.scores(ids), torch.tensor(ids, device=ctx.device), spans)
+    else:
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i][0]))
+        batches, k = [], 0
+        while k < len(order):  # rows of at most the longest row's length, up to `budget` padded tokens
+            rows = max(1, budget // len(docs[order[k]][0]))
+            batches.append(order[k: k + rows])
+            k += rows
+        for batch in ctx.bar(batches, desc):
+            width = len(docs[batch[0]][0])
+            x = torch.full((len(batch), width), ctx.eos, dtype=torch.long)
+            for r, i in enumerate(batch):
+                x[r, : len(docs[i][0])] = torch.tensor(docs[i][0])
+            x = x.to(ctx.device)
+            scores = ctx.model(x)
+            for r, i in enumerate(batch):
+                n = len(docs[i][0])
+                results[i] = span_exact_matches(scores[r, :n], x[r, :n], docs[i][1])
+    hits = [sum(res) for res in results]
+    return hits, [len(res) for res in results]
 
 
 def run_span(ctx: Context, name: str, records: Sequence[dict], spans_fn) -> TaskOutput:
