@@ -89,3 +89,33 @@ def test_stitched_forward_counts_one_head():
     with torch.no_grad():
         counted = _count(lambda: model(x))
     assert counted == flops.stitched_forward_flops(hub.config, 1, 2, T) * B * T
+
+
+def _module_step_count(module, x) -> int:
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = "eager"
+    module.train()
+    return _count(lambda: module.lm_loss(x).backward())
+
+
+@pytest.mark.parametrize("kind", ["btx_top2", "btx_soft", "bam", "bam_adapters", "expert_routing"])
+def test_baseline_training_flops_agree_with_the_flop_counter(saved_llama_family, kind):
+    """The baselines' per-token FLOPs leave out only their routers: within 3 % of what the step runs."""
+    from baselines.bam import BAMModule
+    from baselines.bam_adapters import BAMAdaptersModule
+    from baselines.btx import BTXModule
+    from baselines.expert_routing import ExpertRoutingModule
+
+    seed_dir, dirs = saved_llama_family
+    args = {"seed_model": str(seed_dir), "experts": [str(d) for d in dirs]}
+    module = {"btx_top2": lambda: BTXModule(**args, variant="top2", load_balance_coef=0.0),
+              "btx_soft": lambda: BTXModule(**args, variant="soft"),
+              "bam": lambda: BAMModule(**args),
+              "bam_adapters": lambda: BAMAdaptersModule(**args),
+              "expert_routing": lambda: ExpertRoutingModule(**args)}[kind]()
+    x = _ids()
+    counted = _module_step_count(module, x)
+    expected = module.flops_per_token(T) * B * T
+    assert abs(counted / expected - 1) < 0.03, (counted, expected)

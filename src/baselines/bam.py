@@ -35,7 +35,8 @@ from baselines.moe import (
     router_weight,
 )
 from baselines.upcycle import BAMModel, build_btx, load_btx
-from bts.lm import LMTrainingModule
+from bts import flops
+from bts.lm import LMTrainingModule, hf_hidden_and_head
 from bts.modeling import decoder_parts
 from bts.params import ParamCounts
 
@@ -136,6 +137,18 @@ class BAMModule(LMTrainingModule):
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.net(input_ids)
+
+    def hidden_and_head(self, input_ids: torch.LongTensor):
+        return hf_hidden_and_head(self.net.model, input_ids)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Every token runs every attention expert (soft attention routing) and ``top_k`` FFN experts."""
+        cfg, e = self.net.model.config, self.net.num_experts
+        ffn_share = self.net.top_k / e  # the FFN part of a layer scales with top_k, the attention part with E
+        layer = flops.layer_forward_flops(cfg, seq_len)
+        ffn = flops.layer_forward_flops(cfg, seq_len) - flops.layer_forward_flops(cfg, seq_len, ffn_experts=0)
+        per_layer = e * (layer - ffn) + e * ffn_share * ffn
+        return 3 * (cfg.num_hidden_layers * per_layer + flops.head_forward_flops(cfg))
 
     def extra_loss(self) -> torch.Tensor | None:
         return self.net.aux_loss()

@@ -45,6 +45,7 @@ from baselines.moe import (
     read_json,
     router_weight,
 )
+from bts import flops
 from bts.hf_compat import causal_masks
 from bts.io import BTSError, atomic_write_json
 from bts.lm import LMTrainingModule
@@ -230,6 +231,20 @@ class BAMAdaptersModule(LMTrainingModule):
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.net(input_ids)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Every model's attention and FFN per layer, two ``d x d`` adapters per model and layer; the backward is
+        the input gradients of everything after the first attention adapter (the stream depends on it from there
+        on) and the adapters' weight gradients. Routers left out."""
+        cfg = self.net.config
+        e, layers, d = len(self.net.model_layers), cfg.num_hidden_layers, cfg.hidden_size
+        adapters = e * layers * 2 * (2 * d * d)
+        head = flops.head_forward_flops(cfg)
+        ffn = flops.layer_forward_flops(cfg, seq_len) - flops.layer_forward_flops(cfg, seq_len, ffn_experts=0)
+        first_attention = flops.layer_input_backward_flops(cfg, seq_len) - ffn  # reads the embeddings: no gradient
+        forward = e * layers * flops.layer_forward_flops(cfg, seq_len) + adapters + head
+        backward = e * (layers * flops.layer_input_backward_flops(cfg, seq_len) - first_attention)
+        return forward + backward + 2 * adapters - e * 2 * d * d + head  # the first adapters' inputs: no gradient
 
     def param_counts(self) -> ParamCounts:
         return self.net.param_counts()

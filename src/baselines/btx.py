@@ -48,7 +48,8 @@ from baselines.upcycle import (
     load_btx,
     moe_skeleton,
 )
-from bts.lm import LMTrainingModule
+from bts import flops
+from bts.lm import LMTrainingModule, hf_hidden_and_head
 from bts.params import ParamCounts
 
 __all__ = [
@@ -129,6 +130,13 @@ class BTXModule(LMTrainingModule):
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.net(input_ids)
+
+    def hidden_and_head(self, input_ids: torch.LongTensor):
+        return hf_hidden_and_head(self.net.model, input_ids)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Dense training FLOPs with ``top_k`` FFN experts per token (every expert for ``soft``); routers left out."""
+        return flops.dense_train_flops(self.net.model.config, seq_len, ffn_experts=self.net.top_k)
 
     def extra_loss(self) -> torch.Tensor | None:
         return self.net.aux_loss()

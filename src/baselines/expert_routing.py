@@ -46,6 +46,7 @@ from baselines.moe import (
     read_json,
     router_weight,
 )
+from bts import flops
 from bts.io import BTSError, atomic_write_json
 from bts.lm import LMTrainingModule
 from bts.modeling import decoder_parts, freeze
@@ -257,6 +258,10 @@ class ExpertRoutingModule(LMTrainingModule):
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.net(input_ids)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Every model's forward (the lowest-loss model is the router's target); the router itself is left out."""
+        return sum(flops.dense_forward_flops(m.config, seq_len) for m in self.net.models)
 
     def lm_loss(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """The training objective of this module: the router cross-entropy (not an LM loss; the models are frozen)."""

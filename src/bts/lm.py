@@ -387,10 +387,7 @@ class CausalLMModule(LMTrainingModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def hidden_and_head(self, input_ids: torch.LongTensor):
-        head = self.model.get_output_embeddings()
-        if not _plain_head(self.model, head):
-            return None
-        return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state, head
+        return hf_hidden_and_head(self.model, input_ids)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward, input gradients, and weight gradients of every matrix that trains (a frozen head: none)."""
@@ -415,6 +412,15 @@ FREEZABLE = ("embeddings", "final_norm", "head")
 
 # configs whose logits are not just head(hidden): they keep the plain logits loss
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def hf_hidden_and_head(model, input_ids: torch.LongTensor) -> tuple[torch.Tensor, nn.Linear] | None:
+    """``LMTrainingModule.hidden_and_head`` for a Hugging Face causal LM: its decoder's final states and its head,
+    or None when its logits are more than ``head(hidden)``."""
+    head = model.get_output_embeddings()
+    if not _plain_head(model, head):
+        return None
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state, head
 
 
 def _plain_head(model, head) -> bool:
