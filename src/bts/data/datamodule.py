@@ -318,8 +318,11 @@ class DomainMixDataModule(L.LightningDataModule):
         self._ready = True
 
     def _loader(self, ds: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        # pinned host memory on a GPU machine: the host-to-device copy of a batch is then asynchronous instead of
+        # waiting for the queued training step (a per-step sync)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False,
+                          pin_memory=torch.cuda.is_available())
 
     def train_plan(self, epoch: int = 0) -> np.ndarray:
         """``[num_train_samples, 2]`` (index into ``train_domains``, block index) of one epoch."""
