@@ -319,11 +319,11 @@ def _devices() -> None:
     moved in place."""
     stage = "/tmp/.dev"
     os.mkdir(stage, 0o755)
-    _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=4k,mode=0755")
-    for name in DEVICES:
+    _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+    for name in filter(lambda n: os.path.exists(f"/dev/{n}"), DEVICES):  # the probe checks that null is there
         os.close(os.open(f"{stage}/{name}", os.O_WRONLY | os.O_CREAT, 0o666))
         _mount(f"/dev/{name}", f"{stage}/{name}", None, MS_BIND)
-    _mount(None, stage, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    _mount(None, stage, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(stage, "/dev", None, MS_MOVE)
     os.rmdir(stage)
 
