@@ -80,7 +80,11 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     for f in ("table.md", "params.md", "ablations.md", "README.md", "gates.json"):
         assert (results / f).is_file(), f
     assert (results / "figures" / "gates_summary.png").is_file()
+    # the figures of metrics.json (issue 23), shown by the README (the smoke profile logs no loss curves)
+    for f in ("ppl_domains.png", "claims_forest.png"):
+        assert (results / "figures" / f).is_file(), f
     readme = (results / "README.md").read_text()
+    assert "](figures/claims_forest.png)" in readme and "](figures/ppl_domains.png)" in readme
     assert "unresolved (of" in readme and "seed tokens per parameter" in readme
     # keep_checkpoints: false deletes each finished stage's Lightning checkpoints (its output stays)
     ckpts = tmp_path / "runs" / "ckpt"

@@ -10,6 +10,9 @@ from bts.io import atomic_write_json, atomic_write_text
 
 FAMILY_ORDER = ("dense", "upcycling", "merging", "bts")
 FAMILY_TITLES = {"dense": "Dense", "upcycling": "Expert upcycling", "merging": "Expert merging", "bts": "BTS"}
+# Drawn from metrics.json by bts.figures_results (after the metrics, in `bts reproduce`) and shown in the README.
+PPL_FIGURE = "figures/ppl_domains.png"
+CLAIMS_FIGURE = "figures/claims_forest.png"
 
 
 def _fmt(v, std=None, digits=2) -> str:
@@ -113,6 +116,7 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
                   regime_markdown(metrics["regime"]), ""]
     if metrics.get("claims") is not None:
         lines += ["## Paper claims in this regime", "", claims_markdown(metrics["claims"], len(metrics["seeds"])), ""]
+    lines += readme_figures(metrics)
     if metrics.get("no_signal_tasks") is not None:
         chance = metrics.get("chance", {})
         lines += ["## Tasks without signal", "",
@@ -136,6 +140,24 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
                 lines.append(f"| {seed}/{k} | {v:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def has_ppl(metrics: dict) -> bool:
+    """Whether any method has a held-out perplexity: then ``PPL_FIGURE`` is drawn and shown."""
+    return any(e.get("ppl") for e in (metrics.get("methods") or {}).values())
+
+
+def readme_figures(metrics: dict) -> list[str]:
+    """The README lines showing the forest plot of the claims and the per-domain perplexity figure, each only when
+    ``bts.figures_results.write_metrics_figures`` draws it (the same conditions)."""
+    lines = []
+    if metrics.get("claims"):
+        lines += [f"![Forest plot of the claims: difference, 95 % CI and verdict per claim]({CLAIMS_FIGURE})", ""]
+    if has_ppl(metrics):
+        lines += ["## Held-out perplexity per method and domain", "",
+                  f"![Perplexity per method and domain with 95 % CIs]({PPL_FIGURE})", "",
+                  "The numbers are in `table.md` (methods) and `ablations.md`.", ""]
+    return lines
 
 
 def _header(metrics: dict) -> str:

@@ -699,23 +699,15 @@ def model_config_summary(runs: Path) -> dict:
     return summary
 
 
-LOSS_FIGURES = {
-    "loss_dense.png": ("seed", "expert_code", "expert_math", "expert_multilingual"),
-    "loss_baselines.png": ("expert_routing", "bam_adapters", "btx_sample", "btx_soft", "btx_top2", "bam"),
-    "loss_bts.png": ("bts", "bts_k1", "bts_all_e2h", "bts_hub_math", "bts_two_model", "bts_no_multilingual",
-                     "bts_add_multilingual"),
-}
-
-
 def write_figures(profile: Profile, results_dir: Path, threads: int | None) -> dict | None:
-    """Loss curves of every stage and the gate analysis of the BTS model (seed 0's run); returns gates.json."""
+    """Loss curves of every trained stage and the gate analysis of the BTS model (seed 0's run); returns gates.json.
+    The figures of the metrics themselves come later, from metrics.json (``bts.figures_results``)."""
     import torch
 
-    from bts.figures import loss_curves
+    from bts.figures import write_loss_figures
 
     runs = Path(profile.runs_dir)
-    for name, stages in LOSS_FIGURES.items():
-        loss_curves(runs / "logs", list(stages), results_dir / "figures" / name, title=f"train/loss ({name[5:-4]})")
+    write_loss_figures(runs / "logs", [s.name for s in profile.stages if s.kind == "fit"], results_dir / "figures")
     if not (runs / "bts" / "bts.json").is_file():
         return None
     from bts.gates import analyze
@@ -859,6 +851,9 @@ def _reproduce(profile: Profile, results_dir: Path, args) -> int:
     }
     if getattr(args, "allow_changed_models", False):
         metrics["allow_changed_models"] = True
+    from bts.figures_results import write_metrics_figures
+
+    write_metrics_figures(metrics, results_dir)  # before the README, which shows them
     write_results(results_dir, metrics, per_seed_gates[0])
     print(f"wrote {results_dir}/metrics.json and tables in {metrics['wall_seconds']:.0f} s")
     return 0
