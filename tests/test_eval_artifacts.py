@@ -77,13 +77,38 @@ def _error_line(capsys) -> str:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_suite_evaluates_every_artifact_kind(artifacts, kind, tmp_path, capsys):
+    """Perplexity, and perplexity after a domain switch: every kind is scored on the same post-switch tokens, each
+    predicted from the whole block (prefix included) by the model's own forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from bts.eval.command import load_model_and_tokenizer
+    from bts.eval.tasks.switching import switch_blocks_of
+
     dirs, jsonl, _ = artifacts
     out = tmp_path / "m.json"
-    rc = bts_main(["eval", "--model", str(dirs[kind]), "--tasks", "ppl", "--data", str(jsonl), "--set",
-                   "ppl_blocks=2", "--seq-len", "32", "--no-progress", "--out", str(out)])
+    rc = bts_main(["eval", "--model", str(dirs[kind]), "--tasks", "ppl,switch", "--data", str(jsonl), "--set",
+                   "ppl_blocks=2", "--set", "switch_blocks=2", "--set", "switch_types=general>code,code>math",
+                   "--seq-len", "32", "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err[-2000:]
-    ppl = json.loads(out.read_text())["ppl"]
+    res = json.loads(out.read_text())
+    ppl = res["ppl"]
     assert ppl and all(math.isfinite(v) and v > 1 for v in ppl.values() if isinstance(v, float))
+    model, tok = load_model_and_tokenizer(dirs[kind], device="cpu")
+    records = {}
+    for line in jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        records.setdefault(rec["domain"], []).append(rec)
+    blocks = switch_blocks_of(lambda d: records[d], lambda t: tok(t, add_special_tokens=False)["input_ids"],
+                              tok.eos_token_id, 32, ["general>code", "code>math"], n_blocks=2)
+    assert set(res["switch_ppl"]) == {"general>code", "code>math", "all"}
+    for name, bl in blocks.items():
+        with torch.no_grad():
+            scores = model(torch.tensor([b.ids for b in bl])).float()
+        want = [float(F.cross_entropy(scores[i, b.switch - 1: -1].double(), torch.tensor(b.ids[b.switch:]),
+                                      reduction="sum")) for i, b in enumerate(bl)]
+        cell = res["items"][f"switch:{name}"]
+        assert cell["den"] == [24, 16] and cell["num"] == pytest.approx(want, rel=1e-4), (kind, name)
 
 
 def test_harness_evaluates_a_stitch_checkpoint(artifacts, tmp_path, capsys):

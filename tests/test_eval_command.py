@@ -45,7 +45,7 @@ def _one_thread():
 
 SMALL = ["--set", "ppl_blocks=2", "--set", "math_items=3", "--set", "general_items=2", "--set", "code_items=2",
          "--set", "translation_items=3", "--set", "humaneval_items=1", "--set", "humaneval_max_new_tokens=4",
-         "--set", "math_max_new_tokens=3", "--set", "translation_max_new_tokens=3"]
+         "--set", "math_max_new_tokens=3", "--set", "translation_max_new_tokens=3", "--set", "switch_blocks=1"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,7 @@ def test_suite_run_writes_metrics(model_dir, tmp_path, capsys):
     assert list(res["tasks"]) == [t for t in TASKS if t not in GENERATIVE_TASKS] and isinstance(res["avg"], float)
     assert res["info"]["config"]["math_items"] == 3
     assert set(res["tasks_ci"]) == set(res["tasks"]) and "ppl:math" in res["items"]
+    assert len(res["switch_ppl"]) == 13 and "switch:all" in res["items"]  # 12 switch types and the pooled cell
     # the generation metrics run when asked for by group or name
     rc = main(["--model", str(d), "--data", str(jsonl), "--out", str(out), "--no-progress", *SMALL,
                "--tasks", "math,humaneval_pass1", "--set", "math_mc_items=3"])

@@ -23,6 +23,7 @@ from bts.eval.suite import (
     math_prompt,
     pack_blocks,
     pick_distractors,
+    resolve_selection,
     resolve_tasks,
     select_humaneval,
     template_pair_format,
@@ -145,6 +146,7 @@ def test_default_tasks_leave_out_generation():
     assert resolve_tasks(DEFAULT_TASKS) == (True, [
         "math_mc_acc", "translation_s_mc_acc", "translation_t_mc_acc", "code_next_line_em", "code_mc_acc",
         "general_next_word_acc", "general_mc_acc"])
+    assert resolve_selection(DEFAULT_TASKS)[:2] == (True, True)  # perplexity, and after a domain switch
     assert all(TASKS[t].chance == 0.0 for t in GENERATIVE_TASKS)
     assert resolve_tasks("math")[1] == ["math_em", "math_mc_acc"]  # group names still include them
     cfg = EvalConfig()

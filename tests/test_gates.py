@@ -6,7 +6,6 @@ tokenizer (a real BPE tokenizer only for the command's end-to-end test); the rea
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 import bts.data
 from bts.gates import (
+    GATE_SWITCH_TYPES,
     analyze,
     domain_prompts,
     gate_trace,
@@ -157,26 +157,30 @@ def test_domain_prompts_seeded_filled_and_disjoint():
     assert 0 not in used and all(tok.encode(recs["code"][i]["text"])[:5] for i in used)
 
 
-def test_switch_prompt_boundaries_at_segment_starts():
+def test_switch_prompts_are_the_scored_switch_blocks():
+    """A context-switching prompt is a block of the domain-switching evaluation (same function, seed and length),
+    switching at the middle: a run of A documents (each + EOS), then B documents from a document start."""
+    from bts.eval.tasks.switching import switch_blocks_of
+
     recs, tok = _records(), CharTokenizer()
-    sw = switch_prompts(recs, tok, n_switch=2, seed=0)
-    assert [s["order"] for s in sw] == [
-        ["general", "math", "code", "multilingual"],
-        ["math", "code", "multilingual", "general"],
-    ]
+    sw = switch_prompts(recs, tok, n_switch=5, seed=0, max_tokens=40)
+    assert [s["type"] for s in sw] == [*GATE_SWITCH_TYPES, GATE_SWITCH_TYPES[0]]
+    assert [s["block"] for s in sw] == [1, 1, 1, 1, 4]  # the 1/2 block of each type; then its next 1/2 block
     for s in sw:
-        segs = s["segments"]
-        assert segs[0]["start"] == 0 and segs[-1]["end"] == len(s["ids"])
-        assert s["boundaries"] == [seg["start"] for seg in segs[1:]]
-        for prev, seg in itertools.pairwise(segs):
-            assert seg["start"] == prev["end"]
-        for seg in segs:
-            assert 32 <= seg["end"] - seg["start"] <= 48
-            assert {_domain_of(t) for t in s["ids"][seg["start"]:seg["end"]]} <= {seg["domain"], None}
-            # the token at each boundary belongs to the new segment's domain
-            assert _domain_of(s["ids"][seg["start"]]) == seg["domain"]
-    assert switch_prompts(recs, tok, n_switch=2, seed=0) == sw
-    with pytest.raises(BTSError, match="two domains"):
+        a, b = s["type"].split(">")
+        assert s["order"] == [a, b] and s["boundaries"] == [20] and len(s["ids"]) == 40
+        assert s["segments"] == [{"domain": a, "start": 0, "end": 20}, {"domain": b, "start": 20, "end": 40}]
+        ids = s["ids"]
+        assert ids[19] == tok.eos_token_id  # the prefix ends a document
+        assert {_domain_of(t) for t in ids[:20] if t != tok.eos_token_id} == {a}
+        assert {_domain_of(t) for t in ids[20:] if t != tok.eos_token_id} == {b}
+        assert ids[20] != tok.eos_token_id
+        block = switch_blocks_of(lambda d: recs[d], tok.encode, tok.eos_token_id, 40, [s["type"]],
+                                 n_blocks=s["block"] + 1, seed=0)[s["type"]][s["block"]]
+        assert list(block.ids) == ids and block.switch == 20
+    assert switch_prompts(recs, tok, n_switch=5, seed=0, max_tokens=40) == sw
+    assert switch_prompts(recs, tok, n_switch=5, seed=1, max_tokens=40) != sw
+    with pytest.raises(BTSError, match="both domains"):
         switch_prompts({"math": recs["math"]}, tok)
 
 
@@ -287,8 +291,8 @@ def test_analyze_writes_valid_pngs_json_and_tensorboard(analyzed):
 
     _, out, result = analyzed
     res = out / "results"
-    expected = {f"gates_{d}.png" for d in DOMAINS} | {"gates_switch_0.png", "gates_switch_1.png",
-                                                      "gates_summary.png"}
+    expected = {f"gates_{d}.png" for d in DOMAINS} | {f"gates_switch_{i}.png" for i in range(4)} | {
+        "gates_summary.png"}
     assert {p.name for p in (res / "figures").iterdir()} == expected  # no temporary files left
     for name in expected:
         data = (res / "figures" / name).read_bytes()

@@ -47,6 +47,11 @@ def _check_entry(name: str, e: dict, no_signal=()) -> None:
     assert set(e["ppl_ci"]) == set(DOMAINS) and set(e["tasks_ci"]) == set(e["tasks"]), name
     for d, (lo, hi) in e["ppl_ci"].items():
         assert lo <= e["ppl"][d] <= hi, (name, d)
+    # perplexity after a domain switch: the Table 3 methods (ablation rows: perplexity only)
+    assert bool(e["switch_ppl"]) == (name in METHODS), name
+    assert set(e.get("switch_ppl_ci", {})) == set(e["switch_ppl"]), name
+    for k, (lo, hi) in e.get("switch_ppl_ci", {}).items():
+        assert e["switch_ppl"][k] > 1.0 and lo <= e["switch_ppl"][k] <= hi, (name, k)
 
 
 @pytest.mark.slow
@@ -71,6 +76,8 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     assert metrics["claims"] and all(c["verdict"] in ("holds", "does not hold", "unresolved") and len(c["ci"]) == 2
                                      for c in metrics["claims"])
     assert {"versions", "data"} <= set(metrics["env"])
+    assert {"bts_beats_btm_switching", "bts_beats_expert_routing_switching"} <= {c["id"] for c in metrics["claims"]}
+    assert "## Domain-switching text" in (results / "table.md").read_text()
     cfg = metrics["config"]
     n, K, d = cfg["n_experts"], cfg["stitch_layers"], cfg["d_model"]
     bts = metrics["methods"]["bts"]["params"]

@@ -7,6 +7,12 @@ scored on the same items) and the seeds are resampled (paired per seed: the same
 experts). The verdict is "holds" when the
 CI excludes 0 in the claimed direction, "does not hold" when it excludes 0 the other way, "unresolved" otherwise.
 The paper's own figure is printed beside it. Nothing is hand-entered: ``bts reproduce`` recomputes every claim.
+
+The domain-switching claims (``bts_beats_btm_switching``, ``bts_beats_expert_routing_switching``) test the paper's
+Table 3 ordering (BTS above BTM and expert routing) where per-token gates (§4.3) and per-sequence routing can
+differ: on blocks whose domain changes mid-block (``bts.eval.tasks.switching``), the statistic is the other
+method's perplexity minus BTS's on the pooled tokens after the switch (cell ``switch:all``, paired block by block
+and seed by seed); positive means BTS is better.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from bts.data.corpus import DOMAINS, EXPERT_DOMAINS
 from bts.stats import paired_ci, verdict
 
 GATES = "_gates"  # pseudo-method holding the per-prompt gate cells
+SWITCH_ALL = "switch:all"
+"""The pooled cell of the domain-switching blocks (``bts.eval.tasks.switching``): every block of every switch type,
+the tokens after the switch."""
 
 
 @dataclass
@@ -32,6 +41,9 @@ class ClaimSpec:
     stat: Callable[[dict], float]
     direction: str = "positive"
     unit: str = "ppl"
+    cells: tuple[str, ...] = ()
+    """Evaluation cells every method of the claim must have in every seed (beyond the per-domain perplexity,
+    which every evaluation has); a run without them (e.g. ``eval_tasks`` without "switch") skips the claim."""
 
 
 def _mean_ppl(v: dict, m: str, domains=DOMAINS) -> float:
@@ -67,6 +79,13 @@ def claim_specs(names: set[str], signal_tasks: Sequence[str], gate_experts: Sequ
         specs.append(ClaimSpec(f"bts_beats_{other}", f"BTS beats `{other}` on mean held-out perplexity",
                                "Table 3", paper, ("bts", other),
                                lambda v, o=other: _mean_ppl(v, o) - _mean_ppl(v, "bts")))
+    for other, paper in [("btm", "Avg 28.1 vs 26.9 (downstream; switching text is not evaluated there)"),
+                         ("expert_routing", "Avg 28.1 vs 24.8 (downstream; switching text is not evaluated there)")]:
+        specs.append(ClaimSpec(
+            f"bts_beats_{other}_switching",
+            f"BTS beats `{other}` on domain-switching text ({other} − BTS perplexity on the pooled tokens after the "
+            "switch > 0)", "Table 3 rows; §4.3 (per-token gates)", paper, ("bts", other),
+            lambda v, o=other: v[o][SWITCH_ALL] - v["bts"][SWITCH_ALL], cells=(SWITCH_ALL,)))
     if signal_tasks:
         t = tuple(signal_tasks)
         for other, paper in [("seed", "Avg 28.1 vs 24.0"), ("btm", "Avg 28.1 vs 26.9"), ("bam", "Avg 28.1 vs 27.8")]:
@@ -144,6 +163,8 @@ def check_claims(per_seed_items: Sequence[Mapping[str, Mapping]], signal_tasks: 
     gate_experts = sorted({c.split(":", 1)[1] for c in per_seed[0].get(GATES, {})}) if GATES in names else []
     out = []
     for spec in claim_specs(names, signal_tasks, gate_experts):
+        if not all(c in p[m] for p in per_seed for m in spec.methods for c in spec.cells):
+            continue
         sub = [{m: p[m] for m in spec.methods} for p in per_seed]
         diff, ci, vals = paired_ci(sub, spec.stat, b=b)
         out.append({"id": spec.id, "claim": spec.claim, "source": spec.source, "verdict": verdict(ci, spec.direction),

@@ -9,8 +9,9 @@ The report has two parts:
 * **inputs that differ** — the keys of the two ``"env"`` blocks (:mod:`bts.env`: versions, CPU model and ISA flags,
   torch threads/kernels/BLAS build, data split sha256s, tokenizer and model hashes) whose values differ, side by
   side (measurements such as the matmul peak are shown, not compared);
-* **the largest metric differences** — every number in ``methods``/``ablations`` ``ppl`` and ``tasks``, judged
-  against OLD's uncertainty: its 95 % CI (``ppl_ci``/``tasks_ci``: ``{name: [lo, hi]}``) where recorded, else
+* **the largest metric differences** — every number in ``methods``/``ablations`` ``ppl``, ``switch_ppl`` and
+  ``tasks``, judged against OLD's uncertainty: its 95 % CI (``ppl_ci``/``switch_ppl_ci``/``tasks_ci``:
+  ``{name: [lo, hi]}``) where recorded, else
   ``value ± 1.96 × <name>_std`` (the seed std of a multi-seed run), else a 2 % relative tolerance. The score is
   ``|new - old|`` over the band's half-width on that side: above 1 means outside.
 
@@ -33,7 +34,7 @@ from bts.io import BTSError, CommandParser, atomic_write_json
 
 Z95 = 1.959963984540054
 REL_TOLERANCE = 0.02
-GROUPS = (("ppl", "ppl_ci"), ("tasks", "tasks_ci"))
+GROUPS = (("ppl", "ppl_ci"), ("switch_ppl", "switch_ppl_ci"), ("tasks", "tasks_ci"))
 SECTIONS = ("methods", "ablations")
 
 # env keys that are measurements or bookkeeping, not inputs: shown (peak) or ignored, never counted as differing
@@ -149,7 +150,8 @@ def _is_num(v) -> bool:
 
 
 def iter_metrics(metrics: Mapping) -> Iterator[tuple[str, str, str, str, float]]:
-    """``(section, method, group, name, value)`` for every number in ``ppl``/``tasks`` (``*_std`` excluded)."""
+    """``(section, method, group, name, value)`` for every number in ``ppl``/``switch_ppl``/``tasks`` (``*_std``
+    excluded)."""
     for section in SECTIONS:
         for method, entry in (metrics.get(section) or {}).items():
             if not isinstance(entry, Mapping):
@@ -184,6 +186,8 @@ def _score(new: float, old: float, lo: float, hi: float) -> float:
 
 
 def metric_label(group: str, name: str) -> str:
+    if group == "switch_ppl":
+        return f"{name} switch ppl"
     return f"{name} ppl" if group == "ppl" else name
 
 

@@ -12,10 +12,12 @@ per token (the weights of one token sum to 1). This module
      one UI-string pair), so a prompt starts with the chosen record and, when it is shorter than ``max_tokens``, is
      filled with the next records of the same domain (joined by ``"\\n\\n"``), then truncated to ``max_tokens``
      tokens; the records of the prompts of one domain do not overlap (unless the split has too few records);
-   - **context-switching prompts**: segments of different domains concatenated at the token level (default order
-     general → math → code → multilingual, rotated by one domain for each further prompt), each segment
-     ``segment_tokens`` = 32–48 tokens long (seeded), built like a domain prompt; the segment boundaries (token
-     index where each segment starts, and its domain) are kept;
+   - **context-switching prompts**: blocks of the domain-switching evaluation (``bts.eval.tasks.switching``,
+     built by the same function and seed, ``max_tokens`` long): a window of a packed stream in which documents of
+     one domain are followed by documents of another, switching at the middle of the block, one prompt per type
+     of ``GATE_SWITCH_TYPES`` (general → code, math → general, code → multilingual, multilingual → math); the
+     switch position and the two segments' domains are kept. So the figures show the same kind of switch whose
+     post-switch tokens the evaluation scores;
 2. summarises them (``summarize``): per domain and per E2H layer the mean gate per model, where a prompt's value is
    the mean over its tokens and the domain's value is the mean over its prompts (each prompt counts once); the
    overall mean per model is the mean over **all** domain prompts (each prompt counts once, so with equal prompt
@@ -49,12 +51,15 @@ import numpy as np
 import torch
 
 from bts.data.corpus import DOMAINS
+from bts.eval.tasks.switching import DEFAULT_FRACTIONS, parse_type, switch_blocks_of
 from bts.io import BTSError, CommandParser, atomic_path, atomic_write_json
 
 FORMAT = "bts-gates"
-VERSION = 1
-SWITCH_ORDER: tuple[str, ...] = ("general", "math", "code", "multilingual")
-SEGMENT_TOKENS: tuple[int, int] = (32, 48)
+VERSION = 2
+GATE_SWITCH_TYPES: tuple[str, ...] = ("general>code", "math>general", "code>multilingual", "multilingual>math")
+"""Switch types of the context-switching prompts, in order: each domain is once a prefix and once a continuation,
+and the three kinds of the evaluation's types (general into an expert domain, the reverse, expert to expert)
+appear."""
 JOIN = "\n\n"
 """Text between two records of the same domain inside one prompt / segment."""
 
@@ -171,37 +176,40 @@ def domain_prompts(records: Mapping[str, Sequence[Mapping]], tokenizer, n_prompt
     return out
 
 
-def switch_prompts(records: Mapping[str, Sequence[Mapping]], tokenizer, n_switch: int = 2, seed: int = 0,
-                   order: Sequence[str] = SWITCH_ORDER,
-                   segment_tokens: tuple[int, int] = SEGMENT_TOKENS) -> list[dict]:
-    """Context-switching prompts: one segment per domain of ``order`` (prompt ``i`` uses ``order`` rotated by
-    ``i``), each ``segment_tokens[0]..segment_tokens[1]`` tokens (seeded), concatenated as token ids.
+def switch_prompts(records: Mapping[str, Sequence[Mapping]], tokenizer, n_switch: int = 4, seed: int = 0,
+                   types: Sequence[str] = GATE_SWITCH_TYPES, max_tokens: int = 128,
+                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[dict]:
+    """Context-switching prompts: blocks of the domain-switching evaluation (``bts.eval.tasks.switching``), built
+    by the same function with the same seed, so each is a block that ``evaluate`` scores when ``max_tokens`` is the
+    evaluation's ``seq_len`` (128) and ``seed`` its ``EvalConfig.seed``. Prompt ``i`` is of type
+    ``types[i % len(types)]`` (types whose two domains both have records), and is that type's
+    ``(i // len(types))``-th block switching at the position nearest the middle of the block.
 
-    Returns ``[{"ids": [...], "segments": [{"domain", "start", "end"}, ...] (token index ranges, end exclusive),
-    "boundaries": [start of every segment but the first], "order": [...]}]``.
+    Returns ``[{"ids": [...], "type": "A>B", "block": index among the type's blocks, "segments": [{"domain",
+    "start", "end"}, ...] (token index ranges, end exclusive), "boundaries": [the switch position], "order":
+    [A, B]}]``.
     """
-    order = [d for d in order if d in records]
     if n_switch <= 0:
         return []
-    if len(order) < 2:
-        raise BTSError(f"context-switching prompts need records of at least two domains of {list(SWITCH_ORDER)}")
-    lo, hi = int(segment_tokens[0]), int(segment_tokens[1])
-    if not 1 <= lo <= hi:
-        raise BTSError(f"segment_tokens must be 1 <= lo <= hi, got {segment_tokens}")
-    pools = {d: _Pool(d, records[d], tokenizer, _rng(seed, "switch", d)) for d in order}
-    rng = _rng(seed, "switch-lengths")
+    usable = [t for t in types if all(d in records for d in parse_type(t))]
+    if not usable:
+        raise BTSError(f"context-switching prompts need records of both domains of a switch type of {list(types)}")
+    if max_tokens < 2:
+        raise BTSError(f"max_tokens must be >= 2 for a context-switching prompt, got {max_tokens}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise BTSError("the tokenizer has no EOS token (context-switching prompts separate documents with it)")
+    middle = min(range(len(fractions)), key=lambda k: abs(float(fractions[k]) - 0.5)) if fractions else 0
+    picks = [(usable[i % len(usable)], middle + (i // len(usable)) * len(fractions)) for i in range(n_switch)]
     out = []
-    for i in range(n_switch):
-        rot = order[i % len(order):] + order[: i % len(order)]
-        ids: list[int] = []
-        segments = []
-        for d in rot:
-            n = int(rng.integers(lo, hi + 1))
-            seg, _ = pools[d].take(n)
-            segments.append({"domain": d, "start": len(ids), "end": len(ids) + len(seg)})
-            ids.extend(seg)
-        out.append({"ids": ids, "segments": segments, "boundaries": [s["start"] for s in segments[1:]],
-                    "order": rot})
+    for kind, j in picks:
+        block = switch_blocks_of(lambda d: records[d], lambda text: _encode(tokenizer, [text])[0], int(eos),
+                                 max_tokens, [kind], fractions, j + 1, seed)[kind][j]
+        a, b = parse_type(kind)
+        n, p = len(block.ids), block.switch
+        out.append({"ids": list(block.ids), "type": kind, "block": j,
+                    "segments": [{"domain": a, "start": 0, "end": p}, {"domain": b, "start": p, "end": n}],
+                    "boundaries": [p], "order": [a, b]})
     return out
 
 
@@ -242,7 +250,7 @@ def summarize(domain_traces: Mapping[str, Sequence[dict]], switch_traces: Sequen
     ``domains`` (per domain: ``n_prompts``, ``n_tokens``, ``mean_gate`` = last E2H layer, ``per_layer`` = list
     aligned with ``e2h_layers``), ``overall`` (same, over all domain prompts), ``specialization`` (last layer,
     ``own_domain_flags``), ``specialization_per_layer``, ``claim_holds`` (every expert named after a domain exceeds;
-    ``None`` when no expert is), ``switch`` (per prompt: order, n_tokens, boundaries, segments with
+    ``None`` when no expert is), ``switch`` (per prompt: type, order, n_tokens, boundaries, segments with
     ``mean_gate``), ``markdown``.
     """
     first = next((ts[0] for ts in domain_traces.values() if ts), None)
@@ -281,6 +289,7 @@ def summarize(domain_traces: Mapping[str, Sequence[dict]], switch_traces: Sequen
     for prompt, trace in zip(switches, switch_traces):
         last = trace["last"]
         switch.append({
+            "type": prompt.get("type", ">".join(prompt["order"])),
             "order": list(prompt["order"]),
             "n_tokens": int(last.shape[0]),
             "boundaries": list(prompt["boundaries"]),
@@ -564,8 +573,8 @@ def _check_out(out_dir: Path) -> None:
 
 def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int = 8, seed: int = 0,
             cache_dir: str | os.PathLike | None = None, tb_log_dir: str | os.PathLike | None = None, *,
-            max_tokens: int = 128, n_switch: int = 2, switch_order: Sequence[str] = SWITCH_ORDER,
-            segment_tokens: tuple[int, int] = SEGMENT_TOKENS, domains: Sequence[str] | None = None,
+            max_tokens: int = 128, n_switch: int = 4, switch_types: Sequence[str] = GATE_SWITCH_TYPES,
+            domains: Sequence[str] | None = None,
             records: Mapping[str, Sequence[Mapping]] | None = None, device: str | None = None,
             allow_changed_models: bool = False) -> dict:
     """Trace, summarise, plot and save the gates of a BTS model (see the module docstring).
@@ -576,8 +585,8 @@ def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int
         out_dir: results directory: writes ``gates.json`` and ``figures/gates_*.png``.
         n_prompts: prompts per domain; seed: prompt-selection seed; cache_dir: data cache (``bts.data``).
         tb_log_dir: also log the figures, mean gates and table to TensorBoard there.
-        max_tokens: length of a domain prompt; n_switch: number of context-switching prompts;
-        switch_order / segment_tokens: their domain order and segment length range.
+        max_tokens: length of a domain prompt and of a context-switching prompt; n_switch: number of
+        context-switching prompts; switch_types: their switch types (``switch_prompts``).
         domains: domains to analyse (default all four); records: ``{domain: [{"text": ...}]}`` to use instead of
         the test splits.
         device: where a checkpoint is loaded (default cuda if available); allow_changed_models: see load_stitched.
@@ -603,8 +612,7 @@ def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int
         raise BTSError("no domains to analyse")
 
     prompts = domain_prompts(records, tok, n_prompts=n_prompts, seed=seed, max_tokens=max_tokens)
-    switches = switch_prompts(records, tok, n_switch=n_switch, seed=seed, order=switch_order,
-                              segment_tokens=segment_tokens)
+    switches = switch_prompts(records, tok, n_switch=n_switch, seed=seed, types=switch_types, max_tokens=max_tokens)
     top = max(max(p["ids"]) for ps in prompts.values() for p in ps)
     if switches:
         top = max(top, max(max(s["ids"]) for s in switches))
@@ -627,7 +635,7 @@ def analyze(ckpt_or_model, tokenizer, out_dir: str | os.PathLike, n_prompts: int
         "checkpoint": ckpt,
         "settings": {
             "n_prompts": n_prompts, "seed": seed, "max_tokens": max_tokens, "n_switch": n_switch,
-            "switch_order": list(switch_order), "segment_tokens": list(segment_tokens),
+            "switch_types": [s["type"] for s in switches], "switch_positions": [s["boundaries"][0] for s in switches],
             "records": records_source,
             "weighting": "prompt mean = mean over its tokens; domain/overall mean = mean over prompts",
             "prompt_records": {d: [p["records"] for p in ps] for d, ps in prompts.items()},
@@ -661,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prompts", type=int, default=8, help="prompts per domain (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt-selection seed (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per domain prompt (default: %(default)s)")
-    p.add_argument("--n-switch", type=int, default=2, help="context-switching prompts (default: %(default)s)")
+    p.add_argument("--n-switch", type=int, default=4, help="context-switching prompts (default: %(default)s)")
     p.add_argument("--domains", help="comma-separated domains (default: general,code,math,multilingual)")
     p.add_argument("--cache-dir", help="data cache directory (bts.data)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -1,5 +1,6 @@
-"""Write ``results/<profile>/``: metrics.json (schema in README), table.md (Table 3 analogue), params.md
-(Table 2 analogue) and ablations.md (Tables 5-8 analogues). Every file is written atomically."""
+"""Write ``results/<profile>/``: metrics.json (schema in README), table.md (Table 3 analogue, then the post-switch
+perplexity per switch type on domain-switching text), params.md (Table 2 analogue) and ablations.md (Tables 5-8
+analogues). Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -80,6 +81,60 @@ def results_table(entries: dict, title: str, no_signal=(), chance: dict | None =
     return "\n".join(lines) + "\n"
 
 
+SWITCH_NOTE = (
+    "Perplexity of the tokens after a mid-block domain switch (lower is better): each block is a window of a packed "
+    "stream in which documents of domain A (prefix) are followed by documents of domain B, switching at 1/4, 1/2 or "
+    "3/4 of the block; every method is scored on the same tokens, each predicted from the whole block before it "
+    "(`bts.eval.tasks.switching`). `all` pools every type's post-switch tokens. Cells: value [95 % bootstrap CI].")
+
+
+def _switch_columns(entries: dict) -> list[str]:
+    cols: list[str] = []
+    for e in entries.values():
+        for k in e.get("switch_ppl", {}):
+            if not k.endswith("_std") and k not in cols:
+                cols.append(k)
+    return (["all"] if "all" in cols else []) + [c for c in cols if c != "all"]
+
+
+def switch_table(entries: dict, title: str) -> str:
+    """Post-switch perplexity per switch type (``switch_ppl``, lower is better) with CIs; best per column bold;
+    empty when no entry has it."""
+    cols = _switch_columns(entries)
+    rows = [(n, e) for n, e in entries.items() if e.get("switch_ppl")]
+    if not cols or not rows:
+        return ""
+    rows.sort(key=lambda r: FAMILY_ORDER.index(r[1].get("family")) if r[1].get("family") in FAMILY_ORDER else 99)
+    best = {c: min(e["switch_ppl"][c] for _, e in rows if c in e["switch_ppl"]) for c in cols}
+    lines = [f"## {title}", "", SWITCH_NOTE, "", "| method | family | " + " | ".join(cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for name, e in rows:
+        cells = [name, FAMILY_TITLES.get(e.get("family", ""), e.get("family", ""))]
+        for c in cols:
+            v = e["switch_ppl"].get(c)
+            ci = e.get("switch_ppl_ci", {}).get(c)
+            cell = _fmt(v, e["switch_ppl"].get(f"{c}_std")) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and v is not None
+                                                                  else "")
+            cells.append(f"**{cell}**" if v is not None and v == best[c] else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def switch_summary(entries: dict) -> str:
+    """README table: pooled post-switch perplexity beside the mean single-domain perplexity, per method."""
+    rows = [(n, e) for n, e in entries.items() if "all" in e.get("switch_ppl", {})]
+    if not rows:
+        return ""
+    lines = ["| method | post-switch ppl, all types [95 % CI] | mean single-domain ppl |", "|---|---|---|"]
+    for name, e in rows:
+        ci = e.get("switch_ppl_ci", {}).get("all")
+        ppl = [e.get("ppl", {}).get(d) for d in DOMAINS]
+        mean = sum(ppl) / len(ppl) if all(v is not None for v in ppl) else None
+        lines.append(f"| {name} | {_fmt(e['switch_ppl']['all'])}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                     + f" | {_fmt(mean)} |")
+    return "\n".join(lines) + "\n"
+
+
 def params_table(entries: dict) -> str:
     lines = ["## Parameters (paper Table 2 analogue)", "", "| method | trained | total | active |", "|---|---|---|---|"]
     for name, e in entries.items():
@@ -117,6 +172,9 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
     if metrics.get("claims") is not None:
         lines += ["## Paper claims in this regime", "", claims_markdown(metrics["claims"], len(metrics["seeds"])), ""]
     lines += readme_figures(metrics)
+    if any(e.get("switch_ppl") for e in metrics["methods"].values()):
+        lines += ["## Domain-switching text", "", SWITCH_NOTE + " Per switch type: `table.md`.", "",
+                  switch_summary(metrics["methods"]), ""]
     if metrics.get("no_signal_tasks") is not None:
         chance = metrics.get("chance", {})
         lines += ["## Tasks without signal", "",
@@ -171,8 +229,10 @@ def write_results(results_dir: Path, metrics: dict, gates: dict | None = None) -
     results_dir = Path(results_dir)
     atomic_write_json(results_dir / "metrics.json", metrics)
     header = _header(metrics)
+    switching = switch_table(metrics["methods"], "Domain-switching text (post-switch perplexity per switch type)")
     atomic_write_text(results_dir / "table.md", header + results_table(
-        metrics["methods"], "Methods (Table 3 analogue)", metrics.get("no_signal_tasks", ()), metrics.get("chance")))
+        metrics["methods"], "Methods (Table 3 analogue)", metrics.get("no_signal_tasks", ()), metrics.get("chance"))
+        + ("\n" + switching if switching else ""))
     atomic_write_text(results_dir / "params.md", header + params_table({**metrics["methods"], **metrics["ablations"]}))
     write_ablations(results_dir, metrics)
     atomic_write_text(results_dir / "README.md", results_readme(metrics, gates))
@@ -188,5 +248,7 @@ def write_ablations(results_dir: Path, metrics: dict) -> None:
     sweeps = sorted((results_dir / "sweeps").glob("*.md")) if (results_dir / "sweeps").is_dir() else []
     text = header + results_table(metrics["ablations"], "Ablations", metrics.get("no_signal_tasks", ()),
                                   metrics.get("chance"))
+    switching = switch_table(metrics["ablations"], "Ablations on domain-switching text")
+    text += ("\n" + switching) if switching else ""
     text += "".join("\n" + f.read_text() for f in sweeps)  # tables written by `bts sweep`
     atomic_write_text(results_dir / "ablations.md", text)

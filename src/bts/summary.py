@@ -1,7 +1,7 @@
 """The derived fields of ``metrics.json`` (DESIGN.md §6-7), computed from the per-seed evaluation results.
 
-- per method/ablation ``ppl_ci`` / ``tasks_ci``: 95 % bootstrap CI of every cell (over items; with several seeds
-  over seeds and items, ``bts.stats.multi_seed_cell_ci``);
+- per method/ablation ``ppl_ci`` / ``switch_ppl_ci`` / ``tasks_ci``: 95 % bootstrap CI of every cell (over items;
+  with several seeds over seeds and items, ``bts.stats.multi_seed_cell_ci``);
 - ``chance`` per task and ``no_signal_tasks``: a task whose seed CI lower bound is not above chance, or where every
   method scores 0, carries no signal; it stays in ``tasks`` but is left out of ``avg``;
 - ``claims``: ``bts.claims.check_claims`` (paired over seeds);
@@ -44,21 +44,25 @@ def split_items(entry: dict) -> tuple[dict, dict]:
 
 
 def add_cell_cis(entries: dict, per_seed_items: Sequence[Mapping[str, Mapping]]) -> None:
-    """Set ``ppl_ci`` and ``tasks_ci`` of every entry from the per-seed item cells (in place)."""
+    """Set ``ppl_ci``, ``switch_ppl_ci`` and ``tasks_ci`` of every entry from the per-seed item cells (in place)."""
     for name, entry in entries.items():
         seeds = [items[name] for items in per_seed_items if name in items]
         if not seeds or not seeds[0]:
             continue
-        ppl_ci, tasks_ci = {}, {}
+        ppl_ci, switch_ci, tasks_ci = {}, {}, {}
         for cell in seeds[0]:
             if not all(cell in s for s in seeds):
                 continue
             ci = multi_seed_cell_ci([s[cell] for s in seeds])
             if cell.startswith("ppl:"):
                 ppl_ci[cell[4:]] = ci
+            elif cell.startswith("switch:"):
+                switch_ci[cell[len("switch:"):]] = ci
             else:
                 tasks_ci[cell] = ci
         entry["ppl_ci"] = ppl_ci
+        if switch_ci:
+            entry["switch_ppl_ci"] = switch_ci
         if tasks_ci or "tasks_ci" not in entry:
             entry["tasks_ci"] = {**entry.get("tasks_ci", {}), **tasks_ci}
 

@@ -2,8 +2,9 @@
 
 Per-domain held-out perplexity is already logged by the training module (``val/<domain>/ppl``); this callback
 adds the downstream metrics as ``test/<task>`` (and the secondary ones, e.g. ``test/translation_s_bleu``,
-plus ``test/avg``) through every logger of the trainer, and optionally writes the full ``evaluate`` result to
-a JSON file (atomically).
+plus ``test/avg``; with "switch" among the tasks, the domain-switching perplexity as ``test/switch_ppl/<A>B>``)
+through every logger of the trainer, and optionally writes the full ``evaluate`` result to a JSON file
+(atomically).
 
 The LightningModule itself is the evaluated ``LanguageModel`` (``forward(input_ids) -> logits`` and
 ``generate``). The suite runs on global rank 0 only, except under sharded strategies (FSDP, DeepSpeed) where a
@@ -92,6 +93,7 @@ class DownstreamEvalCallback(L.Callback):
             return
         metrics = {f"test/{k}": float(v) for k, v in result["tasks"].items()}
         metrics.update({f"test/{k}": float(v) for k, v in result["extra"].items()})
+        metrics.update({f"test/switch_ppl/{k}": float(v) for k, v in result["switch_ppl"].items()})
         if result["avg"] is not None:
             metrics["test/avg"] = float(result["avg"])
         for logger in trainer.loggers:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bts eval",
         description="Evaluate a Hugging Face model directory with the BTS suite (held-out perplexity + downstream "
         "tasks) or, with --harness, with lm-evaluation-harness.",
-        epilog="suite tasks: ppl, " + ", ".join(f"{g} ({', '.join(m)})" for g, m in TASK_GROUPS.items())
+        epilog="suite tasks: ppl, switch (perplexity after a mid-block domain switch), " + ", ".join(f"{g} ({', '.join(m)})" for g, m in TASK_GROUPS.items())
         + ". Metric definitions: bts.eval.suite.TASKS. 'avg' is the mean of the downstream metrics that ran. "
         + f"The generation metrics ({', '.join(GENERATIVE_TASKS)}) are not in the default list (no signal at the "
         "tiny scale); a group name (e.g. --tasks ppl,math,translation,code) or a metric name runs them.",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     suite = p.add_argument_group("suite (default mode)")
     suite.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                       help="comma-separated: ppl and task groups or metric names (default: %(default)s)")
+                       help="comma-separated: ppl, switch and task groups or metric names (default: %(default)s)")
     suite.add_argument("--cache-dir", help="data cache directory (bts.data)")
     suite.add_argument("--data", help="JSONL file of test records (each with a 'domain' field) to use instead of "
                        "the data layer's test splits")

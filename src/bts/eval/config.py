@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from bts.data.corpus import DOMAINS
+from bts.eval.tasks.switching import DEFAULT_FRACTIONS as DEFAULT_SWITCH_FRACTIONS
+from bts.eval.tasks.switching import DEFAULT_TYPES as DEFAULT_SWITCH_TYPES
+from bts.eval.tasks.switching import check_switch_settings
 from bts.io import BTSError
 
 _OPTIONAL_INT = ("max_context", "humaneval_items")
@@ -39,7 +42,16 @@ class EvalConfig:
     ppl_blocks: int = 128
     """Packed test blocks of ``seq_len`` tokens per domain (fewer when the test split runs out)."""
     ppl_batch_size: int = 8
-    """Blocks per forward pass."""
+    """Blocks per forward pass (also of the domain-switching blocks)."""
+    switch_types: tuple[str, ...] = DEFAULT_SWITCH_TYPES
+    """Domain-switching blocks (``bts.eval.tasks.switching``): ``A>B`` = a prefix of domain A, then a continuation
+    of domain B, scored after the switch. Default: general into each expert domain, the reverse, and every ordered
+    pair of expert domains (12 types)."""
+    switch_fractions: tuple[float, ...] = DEFAULT_SWITCH_FRACTIONS
+    """Switch positions as fractions of the block (``round(f * seq_len)``); block j of a type uses the
+    ``j % len``-th."""
+    switch_blocks: int = 12
+    """Domain-switching blocks per type (12 types x 12 blocks x ~64 scored tokens; a few seconds per tiny model)."""
     math_items: int = 32
     """Math problems scored by ``math_em`` (generation; not a default task)."""
     math_shots: int = 1
@@ -101,6 +113,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise BTSError(f"EvalConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_switch_settings(self.switch_types, self.switch_fractions, self.switch_blocks)
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> EvalConfig:
@@ -115,7 +128,8 @@ class EvalConfig:
                 if isinstance(default, bool):
                     kw[key] = raw.lower() in ("1", "true", "yes")
                 elif isinstance(default, tuple):
-                    kw[key] = tuple(x for x in raw.split(",") if x)
+                    kind = type(default[0]) if default and not isinstance(default[0], str) else str
+                    kw[key] = tuple(kind(x.strip()) for x in raw.split(",") if x.strip())
                 elif raw.lower() in ("none", "null") and key in _OPTIONAL_INT:
                     kw[key] = None
                 elif isinstance(default, int) or key in _OPTIONAL_INT:

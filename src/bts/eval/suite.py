@@ -5,6 +5,8 @@ routers, BTX/BAM, BTS, or a LightningModule) and returns one method entry of ``m
 
     {"ppl":      {domain: float},          # exp(mean token NLL) on packed test blocks, lower is better
      "ppl_ci":   {domain: [lo, hi]},       # 95 % percentile bootstrap over blocks
+     "switch_ppl":    {"A>B": float, ..., "all": float},  # post-switch ppl on domain-switching blocks, lower is better
+     "switch_ppl_ci": {"A>B": [lo, hi], ..., "all": [lo, hi]},
      "tasks":    {task: float},            # downstream metrics, 0-100, higher is better (see TASKS)
      "tasks_ci": {task: [lo, hi] | None},  # 95 % bootstrap over items (chrF: over pairs; None: no items)
      "chance":   {task: float},            # score of a model at chance under this config (TaskInfo.chance_for)
@@ -15,15 +17,18 @@ routers, BTX/BAM, BTS, or a LightningModule) and returns one method entry of ``m
 
 Per-item scores. Every value except chrF is a ratio estimator over items and equals
 ``bts.stats.cell_value(num, den, kind)`` of its ``items`` entry exactly: ``ppl:<domain>`` has one entry per
-block (summed token NLL, scored tokens; kind "ppl"); a multiple-choice metric one per item (credit 1, 1/m on an
-m-way tie, or 0; den 1); a teacher-forced span metric one per document (hits, scored spans); ``math_em`` and
-``humaneval_pass1`` one per problem (0/1, den 1). chrF is corpus-level (n-gram statistics are pooled before the
+block (summed token NLL, scored tokens; kind "ppl"); ``switch:<A>B>`` and ``switch:all`` one per
+domain-switching block (summed NLL and count of the tokens after the switch; kind "ppl";
+``bts.eval.tasks.switching``); a multiple-choice metric one per item (credit 1, 1/m on an m-way tie, or 0; den 1);
+a teacher-forced span metric one per document (hits, scored spans); ``math_em`` and ``humaneval_pass1`` one per
+problem (0/1, den 1). chrF is corpus-level (n-gram statistics are pooled before the
 F-score), so it has no ``items`` entry; its interval resamples (prediction, reference) pairs and recomputes the
 corpus score. Intervals are seeded (``EvalConfig.seed``) and deterministic; ``bts.stats.paired_ci`` uses the
 ``items`` to compare methods on the same items.
 
 Default tasks and cost. The embedded reproduction evaluates ~25 tiny models (d=64, vocab 2048, context 128) on 2
-CPU cores. The default task list (``DEFAULT_TASKS``) is perplexity plus the likelihood and teacher-forced metrics,
+CPU cores. The default task list (``DEFAULT_TASKS``) is perplexity, perplexity after a domain switch ("switch":
+12 switch types x 12 blocks, a few seconds per tiny model), and the likelihood and teacher-forced metrics,
 sized to resolve differences between methods (``EvalConfig``: 128 blocks per domain, 400 items or documents per
 task, or the whole test split when smaller), about 30 s per tiny model on one CPU thread. The generation metrics
 (``GENERATIVE_TASKS``: math EM, translation chrF, HumanEval) stay available but are not run by default: at the
@@ -70,6 +75,7 @@ from bts.eval.tasks.code import select_humaneval
 from bts.eval.tasks.math import math_prompt
 from bts.eval.tasks.perplexity import pack_blocks, perplexity_cell
 from bts.eval.tasks.scoring import MCItem, pick_distractors, score_mc, span_hits
+from bts.eval.tasks.switching import SWITCH, switching_cells
 from bts.eval.tasks.translation import LANG_NAMES, infer_pair_format, template_pair_format
 from bts.io import BTSError
 from bts.stats import cell_ci, cell_value
@@ -77,7 +83,8 @@ from bts.stats import cell_ci, cell_value
 __all__ = [
     "DEFAULT_TASKS", "DOMAINS", "EXTRA_METRICS", "GENERATIVE_TASKS", "LANG_NAMES", "TASKS", "TASK_GROUPS",
     "EvalConfig", "MCItem", "TaskFamily", "TaskInfo", "TaskOutput", "build_mc_items", "evaluate",
-    "infer_pair_format", "math_prompt", "pack_blocks", "pick_distractors", "register", "resolve_tasks",
+    "infer_pair_format", "math_prompt", "pack_blocks", "pick_distractors", "register", "resolve_selection",
+    "resolve_tasks",
     "score_mc", "select_humaneval", "span_hits", "template_pair_format", "unregister",
 ]
 
@@ -85,20 +92,23 @@ GENERATIVE_TASKS: tuple[str, ...] = tuple(n for n, i in TASKS.items() if i.scori
 """Metrics that need free generation (``math_em``, ``translation_{s,t}_chrf``, ``humaneval_pass1``): not run by
 default (0 for every tiny model, and most of the eval time); request them by name or group."""
 
-DEFAULT_TASKS: tuple[str, ...] = ("ppl", *(n for n in TASKS if n not in GENERATIVE_TASKS))
-"""Perplexity and the likelihood / teacher-forced metrics: ``math_mc_acc``, ``translation_{s,t}_mc_acc``,
-``code_next_line_em``, ``code_mc_acc``, ``general_next_word_acc``, ``general_mc_acc``."""
+DEFAULT_TASKS: tuple[str, ...] = ("ppl", SWITCH, *(n for n in TASKS if n not in GENERATIVE_TASKS))
+"""Perplexity, perplexity after a domain switch ("switch") and the likelihood / teacher-forced metrics:
+``math_mc_acc``, ``translation_{s,t}_mc_acc``, ``code_next_line_em``, ``code_mc_acc``, ``general_next_word_acc``,
+``general_mc_acc``."""
 
 
-def resolve_tasks(tasks: str | Sequence[str]) -> tuple[bool, list[str]]:
-    """(run perplexity?, downstream metric names in TASKS order) from group / metric names."""
+def resolve_selection(tasks: str | Sequence[str]) -> tuple[bool, bool, list[str]]:
+    """(run perplexity?, run domain-switching perplexity?, downstream metric names in TASKS order)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    ppl = False
+    ppl = switch = False
     wanted: set[str] = set()
     for t in tasks:
         if t == "ppl":
             ppl = True
+        elif t == SWITCH:
+            switch = True
         elif t in TASK_GROUPS:
             wanted.update(TASK_GROUPS[t])
         elif t in TASKS:
@@ -106,9 +116,16 @@ def resolve_tasks(tasks: str | Sequence[str]) -> tuple[bool, list[str]]:
         elif t in EXTRA_METRICS:
             wanted.add(EXTRA_METRICS[t].parent)
         else:
-            known = ["ppl", *TASK_GROUPS, *TASKS]
+            known = ["ppl", SWITCH, *TASK_GROUPS, *TASKS]
             raise BTSError(f"unknown task {t!r} (known: {', '.join(known)})")
-    return ppl, [name for name in TASKS if name in wanted]
+    return ppl, switch, [name for name in TASKS if name in wanted]
+
+
+def resolve_tasks(tasks: str | Sequence[str]) -> tuple[bool, list[str]]:
+    """(run perplexity?, downstream metric names in TASKS order) from group / metric names ("switch" is accepted
+    and left out; ``resolve_selection`` reports it)."""
+    ppl, _, names = resolve_selection(tasks)
+    return ppl, names
 
 
 def _ci(cell: Mapping, cfg: EvalConfig) -> list[float] | None:
@@ -139,7 +156,7 @@ def evaluate(
     Args:
         model: ``model(input_ids [B, T]) -> [B, T, V]`` scores and ``model.generate(...)``.
         tokenizer: the ``transformers`` fast tokenizer the model was trained with.
-        tasks: "ppl", group names (math, translation, code, general) or metric names from ``TASKS``
+        tasks: "ppl", "switch", group names (math, translation, code, general) or metric names from ``TASKS``
             (default: ``DEFAULT_TASKS``, without the generation metrics).
         cfg: item counts and settings.
         cache_dir: data cache directory passed to ``bts.data.load_split``.
@@ -148,10 +165,11 @@ def evaluate(
         data: ``{domain: test records}`` to use instead of ``bts.data.load_split`` (tests, custom data).
     """
     cfg = cfg or EvalConfig()
-    run_ppl, names = resolve_tasks(tasks)
+    run_ppl, run_switch, names = resolve_selection(tasks)
     ctx = Context(model, tokenizer, cfg, seq_len, progress, make_loader(data, cache_dir))
-    result: dict = {"ppl": {}, "ppl_ci": {}, "tasks": {}, "tasks_ci": {}, "chance": {}, "avg": None, "extra": {},
-                    "info": {"items": {}, "seconds": {}, "formats": {}}, "items": {}}
+    result: dict = {"ppl": {}, "ppl_ci": {}, "switch_ppl": {}, "switch_ppl_ci": {}, "tasks": {}, "tasks_ci": {},
+                    "chance": {}, "avg": None, "extra": {}, "info": {"items": {}, "seconds": {}, "formats": {}},
+                    "items": {}}
     info = result["info"]
     out = TaskOutput()
     was_training = isinstance(model, nn.Module) and model.training
@@ -169,6 +187,19 @@ def evaluate(
                     info["items"][f"ppl_{domain}_tokens"] = sum(den)
                     info["items"][f"ppl_{domain}_blocks"] = len(den)
                 info["seconds"]["ppl"] = round(time.perf_counter() - t0, 3)
+            if run_switch:
+                t0 = time.perf_counter()
+                cells, blocks = switching_cells(ctx)
+                for kind, (num, den) in cells.items():
+                    cell = result["items"][f"{SWITCH}:{kind}"] = {"num": num, "den": den, "kind": "ppl"}
+                    result["switch_ppl"][kind] = cell_value(num, den, "ppl")
+                    result["switch_ppl_ci"][kind] = _ci(cell, cfg)
+                info["items"]["switch_blocks"] = len(cells["all"][1])
+                info["items"]["switch_tokens"] = sum(cells["all"][1])
+                positions = sorted({b.switch for bl in blocks.values() for b in bl})
+                info["formats"][SWITCH] = (f"{seq_len}-token window of a packed stream: A docs (each + EOS) then B "
+                                           f"docs, switch at {positions}; scored after the switch")
+                info["seconds"][SWITCH] = round(time.perf_counter() - t0, 3)
             for group in dict.fromkeys(TASKS[n].group for n in names):
                 t0 = time.perf_counter()
                 out.update(FAMILIES[group].run(ctx, [n for n in names if TASKS[n].group == group]))
