@@ -6,8 +6,8 @@ reference runs in-process. Both train from the same init on the same global batc
 so 2 ranks × batch 2 see exactly the rows of one process × batch 4, and DDP's gradient all-reduce (mean) equals the
 gradient of the mean loss over the global batch (every row has the same number of tokens). Gate dropout is 0 (the
 ranks' dropout masks cannot match one process's). Runtime ~20-35 s on 2 shared CPU cores (marked slow).
-Checked: the ``StitchModule`` stitch tensors within 1e-5, and the dense ``CausalLMModule`` weights (all within
-1e-4, at most 0.1 % of the entries beyond 1e-5: see the comment at the check).
+Checked: the ``StitchModule`` stitch tensors within 1e-5, and the dense ``CausalLMModule`` weights (at most 0.1 %
+of the entries beyond 1e-5, none beyond 1e-3: see the comment at the check).
 """
 
 from __future__ import annotations
@@ -115,11 +115,13 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, saved_llama_family
     for k, v in single["stitch"].items():
         torch.testing.assert_close(ddp["stitch"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"stitch {k}: {m}")
     # dense: Adam divides by sqrt(v), which turns the all-reduce round-off of a near-zero gradient entry (e.g. an
-    # embedding row seen once) into a visible update difference; allow it on a handful of entries
+    # embedding row seen once) into a visible update difference, up to a fraction of the lr (1e-2) on that entry: one
+    # entry of the embedding reaches 2.8e-4 (4e-5 with the materialised-logits loss, whose round-off differs); every
+    # other entry agrees within 1e-5, so the check bounds the count tightly and the size at a tenth of the lr
     assert ddp["dense"].keys() == single["dense"].keys()
     for k, v in single["dense"].items():
         diff = (ddp["dense"][k] - v).abs()
-        assert diff.max() <= 1e-4, (k, diff.max().item())
+        assert diff.max() <= 1e-3, (k, diff.max().item())
         assert (diff > 1e-5).float().mean() <= 1e-3, (k, int((diff > 1e-5).sum()))
     # the runs really trained (a no-op would also "match") and started from the same init
     for k, v in single["stitch_init"].items():
