@@ -34,8 +34,10 @@ class ProgressLog(L.Callback):
         self._peak: float | None = None
 
     def _name(self, trainer, module) -> str:
-        logger = trainer.logger
-        return getattr(logger, "name", None) or type(module).__name__
+        """The logger's run name (the stage), else the output directory's name, else the module's class."""
+        out = getattr(module, "output_dir", None)
+        return (getattr(trainer.logger, "name", None) or (out and str(out).rstrip("/").rsplit("/", 1)[-1])
+                or type(module).__name__)
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream or sys.stdout, flush=True)
