@@ -51,7 +51,7 @@ def _edit(root, domain, fn):
 def test_reference_file_is_complete():
     refs = digests.load_references()
     assert refs is not None and refs["results_python"] == "3.11"
-    assert {"3.11", "3.12", "3.13"} <= set(refs["by_python"])
+    assert {"3.10", "3.11", "3.12", "3.13"} <= set(refs["by_python"])
     for minor, reference in refs["by_python"].items():
         made = reference["made_with"]
         assert re.fullmatch(r"\d+\.\d+\.\d+", made["python"]) and digests.python_minor(made["python"]) == minor
@@ -229,12 +229,12 @@ def test_another_patch_release_is_compared_with_its_minor_versions_reference(tmp
 
 def test_a_version_without_reference_says_so(tmp_path, reference):
     data = _data_dir_like_reference(tmp_path, reference)
-    _as_built_by(data, "3.10.13", reference)
+    _as_built_by(data, "3.14.0", reference)
     _edit(data, "code", lambda man: man["files"]["test.jsonl"].update(sha256="9" * 64))
     res = digests.compare_to_reference(data_dir=data)
     assert res["differs"] == res["differs_from_results"] == ["code/test.jsonl"]
-    assert res["cause"].startswith("there are no reference digests for Python 3.10 (only for 3.11, 3.12, 3.13); "
-                                   "this interpreter is 3.10.13, the reference 3.11.7")
+    assert res["cause"].startswith("there are no reference digests for Python 3.14 (only for 3.10, 3.11, 3.12, "
+                                   "3.13); this interpreter is 3.14.0, the reference 3.11.7")
 
 
 @pytest.mark.slow
