@@ -163,7 +163,7 @@ def explain_data(inputs: dict, new_env: Mapping | None, old_env: Mapping | None)
     explained = [s for s in splits if s.split("/", 1)[0] in _STDLIB_DOMAINS]
     if not explained:
         return None
-    new_py, old_py = ((env or {}).get("versions", {}).get("python") for env in (new_env, old_env))
+    new_py, old_py = (((env or {}).get("versions") or {}).get("python") for env in (new_env, old_env))
     if new_py != old_py:
         what = f"Python {new_py} vs {old_py}"
     else:
