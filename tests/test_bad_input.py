@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -112,10 +113,12 @@ def test_missing_model_directory(tmp_path, env, capsys):
     assert line == f"error: not a Hugging Face model directory (no config.json): {tmp_path / 'nope'}"
 
 
-@pytest.mark.parametrize("which, detail", [("truncated", "incomplete metadata"), ("corrupt", "invalid JSON in header")])
+# the detail is safetensors' own wording: its older releases name the error kind instead
+@pytest.mark.parametrize("which, detail", [("truncated", "incomplete metadata|MetadataIncompleteBuffer"),
+                                           ("corrupt", "invalid JSON in header|InvalidHeaderDeserialization")])
 def test_truncated_or_corrupt_safetensors(tmp_path, env, capsys, which, detail):
     line = _run(tmp_path, env, capsys, model={"experts": _models(env, which, "math")})
-    assert line.startswith(f"error: cannot load model from {env['models'][which]}") and detail in line
+    assert line.startswith(f"error: cannot load model from {env['models'][which]}") and re.search(detail, line)
 
 
 def test_missing_and_truncated_lightning_checkpoint(tmp_path, env, capsys):
@@ -199,9 +202,10 @@ def test_no_space_left_for_the_cache(tmp_path, env, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ config keys
+# jsonargparse words the refusal "Option 'bogus' is not accepted" from 4.44 on, "Key 'bogus' is not expected" before
 @pytest.mark.parametrize("where, expect", [
-    ("model", "Problem with given class_path 'bts.stitch_module.StitchModule': Option 'bogus' is not accepted"),
-    ("data", "Problem with given class_path 'bts.data.DomainMixDataModule': Option 'bogus' is not accepted"),
+    ("model", "Problem with given class_path 'bts.stitch_module.StitchModule': .*'bogus' is not (accepted|expected)"),
+    ("data", "Problem with given class_path 'bts.data.DomainMixDataModule': .*'bogus' is not (accepted|expected)"),
     ("trainer", "bogus"),
     ("top", "bogus"),
 ])
@@ -211,7 +215,7 @@ def test_unknown_config_key(tmp_path, env, capsys, where, expect):
          "top": cfg}[where]["bogus"] = 1
 
     line = _run(tmp_path, env, capsys, raw=add)
-    assert expect in line
+    assert re.search(expect, line), line
 
 
 def test_unknown_key_on_the_command_line(tmp_path, env, capsys):

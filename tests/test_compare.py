@@ -98,7 +98,8 @@ def test_outside_ci_exit_1_with_one_final_line_and_differing_inputs(tmp_path, bt
     err = out.err.strip().splitlines()
     assert len(err) == 1
     assert err[0] == ("error: 1 of 11 metrics outside the committed 95 % CI (largest: seed general ppl 226.84 vs "
-                      "217.75 [210.00, 225.00]); differing inputs: data.code/test.jsonl, versions.python")
+                      "217.75 [210.00, 225.00]); differing inputs: Python 3.11.2 vs 3.11.7 (the code corpus splits "
+                      "differ with it)")
     # the report: inputs side by side (only those that differ), then the largest differences first
     assert "Inputs that differ (2 of" in out.out
     assert any("versions.python" in ln and "3.11.2" in ln and "3.11.7" in ln for ln in out.out.splitlines())
@@ -109,6 +110,48 @@ def test_outside_ci_exit_1_with_one_final_line_and_differing_inputs(tmp_path, bt
     rows = [ln for ln in out.out.splitlines() if ln.startswith("  seed")]
     assert "general ppl" in rows[0] and "OUTSIDE" in rows[0] and "ci" in rows[0]
     assert "code ppl" in rows[1] and "OUTSIDE" not in rows[1]  # 149 within [140, 150] although +1.2 %
+
+
+def test_corpus_built_by_another_python_is_named_not_unexplained(tmp_path, bts_cli, capsys):
+    """Results made on Python 3.12 against the committed 3.11 ones: the report and the error line name the interpreter
+    as the cause of the differing code/general splits (and that NEW's match the 3.12 reference digests)."""
+    env312 = _env(python="3.12.1", code_test=SHA_B)
+    env312["data"]["general/test.jsonl"] = SHA_A
+    env312["data"]["math/test.jsonl"] = env312["data"]["multilingual/test.jsonl"] = SHA_A
+    env312["data_reference"] = {"matches": True, "differs": [], "reference_python": "3.12.1",
+                                "results_python": "3.11.7", "differs_from_results": ["code/test.jsonl"]}
+    env311 = _env()
+    env311["data"]["math/test.jsonl"] = env311["data"]["multilingual/test.jsonl"] = SHA_A
+    old = _metrics(env311, **{"methods.seed.ppl_ci": {"general": [210.0, 225.0], "code": [140.0, 150.0]}})
+    new = _metrics(env312, **{"methods.seed.ppl.general": 226.84})
+    _write(tmp_path / "old" / "metrics.json", old)
+    _write(tmp_path / "new" / "metrics.json", new)
+    assert bts_cli(tmp_path / "new", "--against", tmp_path / "old") == 1
+    out = capsys.readouterr()
+    assert out.err.strip().endswith("differing inputs: Python 3.12.1 vs 3.11.7 (the code/general corpus splits "
+                                    "differ with it)")
+    assert ("Corpus: 2 code/general splits differ because the interpreter does (Python 3.12.1 vs 3.11.7): the code "
+            "and general domains are built from its standard library; NEW's match the Python 3.12.1 reference "
+            "digests.") in out.out
+
+
+def test_other_inputs_stay_listed_beside_the_interpreter():
+    env_new = _env(python="3.12.1", code_test=SHA_B)
+    env_new["machine"]["cpu"] = "Intel Xeon"
+    res = compare(_metrics(env_new, **{"methods.seed.ppl.general": 300.0}), _metrics(_env()))
+    assert error_line(res).endswith("differing inputs: Python 3.12.1 vs 3.11.7 (the code corpus splits differ with "
+                                    "it), machine.cpu")
+    # a split of a domain that does not come from the standard library is not put down to the interpreter
+    env_new["data"]["math/test.jsonl"] = SHA_A
+    res = compare(_metrics(env_new, **{"methods.seed.ppl.general": 300.0}), _metrics(_env()))
+    assert "data.math/test.jsonl" in error_line(res)
+
+
+def test_hub_kernels_setting_is_an_input_and_off_when_unrecorded():
+    on, off = _env(), _env()
+    on["settings"], off["settings"] = {"hub_kernels": True}, {"hub_kernels": False}
+    assert compare(_metrics(off), _metrics(_env()))["inputs"]["differs"] == {}  # OLD recorded before the setting
+    assert compare(_metrics(on), _metrics(_env()))["inputs"]["differs"] == {"settings.hub_kernels": ["True", "False"]}
 
 
 def test_seed_std_band_and_std_siblings_not_metrics(tmp_path):

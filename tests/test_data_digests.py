@@ -48,15 +48,45 @@ def _edit(root, domain, fn):
     path.write_text(json.dumps(man))
 
 
-def test_reference_file_is_complete(reference):
-    assert set(reference["domains"]) == set(DOMAINS)
-    made = reference["made_with"]
-    assert re.fullmatch(r"\d+\.\d+\.\d+", made["python"]) and made["packages"]["mwparserfromhell"]
-    for d, r in reference["domains"].items():
-        assert r["key"]["params"] == EmbeddedConfig().domain_params(d), f"{d}: reference not for the defaults"
-        assert set(r["files"]) == {"train.jsonl", "val.jsonl", "test.jsonl"}
-        assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in r["files"].values())
-    assert reference["domains"]["code"]["stdlib"]["content_sha256"]
+def test_reference_file_is_complete():
+    refs = digests.load_references()
+    assert refs is not None and refs["results_python"] == "3.11"
+    assert {"3.10", "3.11", "3.12", "3.13"} <= set(refs["by_python"])
+    for minor, reference in refs["by_python"].items():
+        made = reference["made_with"]
+        assert re.fullmatch(r"\d+\.\d+\.\d+", made["python"]) and digests.python_minor(made["python"]) == minor
+        assert made["packages"]["mwparserfromhell"]
+        assert set(reference["domains"]) == set(DOMAINS)
+        for d, r in reference["domains"].items():
+            assert r["key"]["params"] == EmbeddedConfig().domain_params(d), f"{minor}/{d}: not for the defaults"
+            assert set(r["files"]) == {"train.jsonl", "val.jsonl", "test.jsonl"}
+            assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in r["files"].values())
+        assert reference["domains"]["code"]["stdlib"]["content_sha256"]
+    # the math and multilingual splits are the same on every supported version (math_compat); code/general are not
+    by = refs["by_python"]
+    for d in ("math", "multilingual"):
+        assert len({json.dumps(r["domains"][d]["files"], sort_keys=True) for r in by.values()}) == 1, d
+    assert by["3.12"]["domains"]["code"]["files"] != by["3.11"]["domains"]["code"]["files"]
+
+
+def test_a_format_1_file_is_read_as_one_version(tmp_path, reference):
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps({"format": 1, "about": "", **reference}))
+    refs = digests.load_references(path)
+    assert refs["results_python"] == "3.11" and list(refs["by_python"]) == ["3.11"]
+    assert digests.load_reference(path) == digests.load_reference(path, "3.11") == {"format": 1, "about": "",
+                                                                                     **reference}
+    assert digests.load_reference(path, "3.12") is None
+
+
+def test_write_keeps_the_other_versions_entries(reference):
+    refs = digests.load_references()
+    entry = copy.deepcopy(reference)
+    entry["made_with"]["python"] = "3.14.2"
+    out = digests.with_entry(entry, refs)
+    assert out["results_python"] == "3.11" and list(out["by_python"])[-1] == "3.14"
+    assert {k: v for k, v in out["by_python"].items() if k != "3.14"} == refs["by_python"]
+    assert digests.with_entry(entry, None)["results_python"] == "3.14"
 
 
 def test_matching_build_is_silent(tmp_path, reference, caplog):
@@ -157,20 +187,70 @@ def test_ensure_built_runs_the_check(tmp_path, monkeypatch, caplog):
     assert len(msgs) == 1 and msgs[0].startswith("data: code/train.jsonl, code/val.jsonl, code/test.jsonl differ")
 
 
+def _as_built_by(data, version: str, like: dict) -> None:
+    """Make the manifests in ``data`` say they were built by Python ``version`` with ``like``'s digests."""
+    for d in DOMAINS:
+        def edit(man, d=d):
+            if "python" in man["key"]["env"]:
+                man["key"]["env"]["python"] = version if d != "math" else digests.python_minor(version)
+            man["files"] = copy.deepcopy(like["domains"][d]["files"])
+        _edit(data, d, edit)
+
+
+def test_another_supported_version_says_plainly_what_it_builds(tmp_path, reference, caplog):
+    """Built on 3.12 and matching the 3.12 reference: one line that names the version and the domains it changes,
+    not a hint at corruption."""
+    data = _data_dir_like_reference(tmp_path, reference)
+    ref312 = digests.load_reference(python="3.12")
+    _as_built_by(data, ref312["made_with"]["python"], ref312)
+    res = digests.compare_to_reference(data_dir=data)
+    assert res["matches"] and res["reference_python"] == ref312["made_with"]["python"]
+    assert res["results_python"] == reference["made_with"]["python"]
+    assert sorted({k.split("/")[0] for k in res["differs_from_results"]}) == ["code", "general"]
+    with caplog.at_level(logging.WARNING, logger="bts.data"):
+        line = digests.check_reference(data)
+        digests.check_reference(data, ("code",))
+    assert [r.getMessage() for r in caplog.records] == [line]
+    assert line.startswith("data: Python 3.12 builds other general/code splits than the 3.11 reference (")
+    assert "they match the Python 3.12 reference digests" in line and "\n" not in line
+    assert "differ from the reference" not in line and "corrupt" not in line
+    assert digests.check_reference(data, ("math", "multilingual")) is None  # the same on every version
+
+
+def test_another_patch_release_is_compared_with_its_minor_versions_reference(tmp_path, reference):
+    data = _data_dir_like_reference(tmp_path, reference)
+    ref312 = digests.load_reference(python="3.12")
+    _as_built_by(data, "3.12.3", ref312)
+    _edit(data, "code", lambda man: man["files"]["train.jsonl"].update(sha256="8" * 64))
+    line = digests.warning_line(digests.compare_to_reference(data_dir=data))
+    assert line.startswith(f"data: code/train.jsonl differs from the reference digests: this interpreter is 3.12.3, "
+                           f"the reference {ref312['made_with']['python']} (the code domain is the standard library)")
+
+
+def test_a_version_without_reference_says_so(tmp_path, reference):
+    data = _data_dir_like_reference(tmp_path, reference)
+    _as_built_by(data, "3.14.0", reference)
+    _edit(data, "code", lambda man: man["files"]["test.jsonl"].update(sha256="9" * 64))
+    res = digests.compare_to_reference(data_dir=data)
+    assert res["differs"] == res["differs_from_results"] == ["code/test.jsonl"]
+    assert res["cause"].startswith("there are no reference digests for Python 3.14 (only for 3.10, 3.11, 3.12, "
+                                   "3.13); this interpreter is 3.14.0, the reference 3.11.7")
+
+
 @pytest.mark.slow
-def test_this_environment_matches_the_reference(reference):
-    """CI's machine is the reference environment: its build must give the committed digests. A failure names the
-    differing splits and the likely cause (interpreter, package, wheel or builder change); after an intended builder
-    change regenerate the file with ``python -m bts.data.digests --write``."""
+def test_this_environment_matches_the_reference():
+    """CI's machines build what the reference of their Python minor version says: a failure names the differing
+    splits and the likely cause (interpreter, package, wheel or builder change); after an intended builder change
+    regenerate the entry with ``python -m bts.data.digests --write`` under each supported version."""
     cache = os.environ.get("BTS_CACHE_DIR") or str(corpus.default_cache_dir())
     data = ensure_built(cache, progress=False)
     res = digests.compare_to_reference(data_dir=data)
     assert res is not None and res["checked"] == list(DOMAINS)
     import platform
 
-    ref_python = reference["made_with"]["python"]
-    if platform.python_version() == ref_python:
+    own = digests.load_reference(python=digests.python_minor())
+    if own is not None and platform.python_version() == own["made_with"]["python"]:
         assert res["matches"], digests.warning_line(res)
     else:  # another interpreter: the stdlib-built domains may differ, and then the line must say why
-        line = digests.warning_line(res) if not res["matches"] else ""
-        assert res["matches"] or (platform.python_version() in line and ref_python in line), line
+        line = digests.warning_line(res) or ""
+        assert res["matches"] or platform.python_version() in line, line

@@ -46,6 +46,46 @@ def test_compat_rewrites_numpy_and_sympy_constructs():
     assert 2 * x + 3 * y == 5
 
 
+def _draws(fn, args, n: int = 200, seed: int = 11) -> list[int]:
+    import random
+
+    random.seed(seed)
+    return [fn(*args) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fn, shim, args", [
+    ("randint", "_bts_randint", (-500.0, 500.0)),  # what numbers.py passes: -10**k / 2, 10**k / 2
+    ("randint", "_bts_randint", (np.int64(3), 9.0)),
+    ("randrange", "_bts_randrange", (40.0,)),
+    ("randrange", "_bts_randrange", (-6.0, 30.0, 3.0)),
+])
+def test_compat_random_takes_integral_floats_with_the_int_draws(fn, shim, args):
+    """Python 3.12 refuses integral floats in randint/randrange; the shim takes them as 3.10-3.11 did and draws
+    exactly what the int call draws, so the math problems are the same on every Python version."""
+    import random
+
+    as_ints = tuple(int(a) for a in args)
+    assert _draws(getattr(math_compat, shim), args) == _draws(getattr(random, fn), as_ints)
+
+
+@pytest.mark.parametrize("shim, args", [("_bts_randint", (0.5, 4)), ("_bts_randint", (0, 4.5)),
+                                        ("_bts_randrange", (2.5,)), ("_bts_randrange", (0, 10, 1.5))])
+def test_compat_random_refuses_non_integral_floats_like_3_11(shim, args):
+    with pytest.raises(ValueError, match="non-integer"):
+        getattr(math_compat, shim)(*args)
+
+
+def test_compat_rewrites_random_calls_to_the_shims():
+    src = "import random\nk = 3\nx = random.randint(-10**k / 2, 10**k / 2)\ny = random.randrange(10**k / 2)\n"
+    ns = {"_bts_randint": math_compat._bts_randint, "_bts_randrange": math_compat._bts_randrange}
+    import random
+
+    random.seed(5)
+    exec(compile(math_compat.rewrite_source(src), "<t>", "exec"), ns)  # noqa: S102 - a fixed snippet
+    random.seed(5)
+    assert (ns["x"], ns["y"]) == (random.randint(-500, 500), random.randrange(500))
+
+
 def test_compat_module_generation_each_chosen_module():
     """A few problems from every default module, in-process (the layer patches the package on import)."""
     mods = math_compat.flat_modules("train")

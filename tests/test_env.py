@@ -126,3 +126,12 @@ def test_cpu_flags_from_proc():
     assert info.get("cpu")
     flags = info.get("cpu_flags") or []
     assert set(flags) <= set(bts_env.KERNEL_FLAGS + bts_env.ARM_FLAGS) | {f for f in flags if f.startswith("amx")}
+
+
+def test_env_records_the_hub_kernels_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("BTS_HUB_KERNELS", raising=False)
+    env = collect_env(cache_dir=tmp_path, measure_peak=False)
+    assert env["settings"] == {"hub_kernels": False}
+    assert "Hub kernels: off (`BTS_HUB_KERNELS`" in env_markdown(env)
+    monkeypatch.setenv("BTS_HUB_KERNELS", "1")
+    assert collect_env(cache_dir=tmp_path, measure_peak=False)["settings"] == {"hub_kernels": True}

@@ -15,6 +15,8 @@ Output: the hub's final norm + LM head. Everything in float64, gate dropout off 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -55,6 +57,14 @@ def _h2e(hs: list[torch.Tensor], gate_w: torch.Tensor, proj: torch.Tensor) -> li
     return [h0] + [(1 - g[..., i]) * hs[i] + g[..., i] * (h0 @ proj[i - 1].T) for i in range(1, m)]
 
 
+def _mask_kwargs(config, h: torch.Tensor, pos: torch.Tensor) -> dict:
+    """No cache, no padding, under whichever names this 5.x release's ``create_causal_mask`` takes (written out here
+    rather than through bts.hf_compat, which is what the reference checks)."""
+    every = {"config": config, "input_embeds": h, "inputs_embeds": h, "attention_mask": None,
+             "cache_position": pos[0], "past_key_values": None, "cache": None, "position_ids": pos}
+    return {k: v for k, v in every.items() if k in inspect.signature(create_causal_mask).parameters}
+
+
 @torch.no_grad()
 def reference_logits(models, stitches, ids: torch.LongTensor) -> torch.Tensor:
     """``stitches``: ``{after_layer: (kind, gate_weight [(n+1)d, d], proj [n, d, d])}`` (1-based after_layer)."""
@@ -62,8 +72,7 @@ def reference_logits(models, stitches, ids: torch.LongTensor) -> torch.Tensor:
     hs, ctx = [], []
     for m in models:
         h = m.model.embed_tokens(ids)
-        # positionally: the cache argument is named past_key_values or cache depending on the 5.x release
-        mask = create_causal_mask(m.config, h, None, None, pos)
+        mask = create_causal_mask(**_mask_kwargs(m.config, h, pos))
         hs.append(h)
         ctx.append((mask, m.model.rotary_emb(h, pos)))
     num_layers = len(models[0].model.layers)

@@ -7,8 +7,10 @@ repository), e.g. after ``make reproduce`` on a fresh clone: ``bts compare resul
 The report has two parts:
 
 * **inputs that differ** — the keys of the two ``"env"`` blocks (:mod:`bts.env`: versions, CPU model and ISA flags,
-  torch threads/kernels/BLAS build, data split sha256s, tokenizer and model hashes) whose values differ, side by
-  side (measurements such as the matmul peak are shown, not compared);
+  torch threads/kernels/BLAS build, settings such as Hub kernels, data split sha256s, tokenizer and model hashes)
+  whose values differ, side by side (measurements such as the matmul peak are shown, not compared). When the
+  interpreter differs, the code/general corpus splits it builds differ with it: the report says so in one line
+  and the summary names the Python versions in their place (:func:`explain_data`);
 * **the largest metric differences** — every number in ``methods``/``ablations`` ``ppl``, ``switch_ppl`` and
   ``tasks``, judged against OLD's uncertainty: its 95 % CI (``ppl_ci``/``switch_ppl_ci``/``tasks_ci``:
   ``{name: [lo, hi]}``) where recorded, else
@@ -42,6 +44,11 @@ _NOT_INPUTS = ("format", "collect_seconds", "matmul_peak_gflops", "matmul_peak",
                "machine.cores_usable", "machine.system", "machine.torch_interop_threads", "tokenizer.files",
                "tokenizer.sample_sha256", "tokenizer.tokenizer_json_sha256")
 
+# inputs recorded only from some version on, with the value every run before it had: an OLD block without them is
+# compared as if it recorded that value (Hub kernels were never on in a CPU run before they became a setting)
+_VALUE_BEFORE_RECORDED = {"settings.hub_kernels": "False"}
+# the corpus domains built from the interpreter's standard library (bts.data.digests)
+_STDLIB_DOMAINS = ("code", "general")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -137,11 +144,40 @@ def compare_inputs(new_env: Mapping | None, old_env: Mapping | None) -> dict:
     res = {"new_has_env": bool(new_env), "old_has_env": bool(old_env), "differs": {}, "compared": 0}
     if not new_env or not old_env:
         return res
-    a, b = flatten_env(new_env), flatten_env(old_env)
+    a, b = ({**_VALUE_BEFORE_RECORDED, **flatten_env(env)} for env in (new_env, old_env))
     keys = sorted(set(a) | set(b))
     res["compared"] = len(keys)
     res["differs"] = {k: [a.get(k), b.get(k)] for k in keys if a.get(k) != b.get(k)}
     return res
+
+
+def explain_data(inputs: dict, new_env: Mapping | None, old_env: Mapping | None) -> dict | None:
+    """Why corpus splits differ, when the interpreter does: the code and general domains are built from its standard
+    library, so another Python version (or build) gives other splits there. ``None`` when no split differs or the
+    interpreter is the same; else ``{"text": one phrase, "keys": the inputs it explains, "splits": [...],
+    "new_reference": the reference NEW's splits match, or None}``."""
+    differs = inputs.get("differs") or {}
+    splits = [k.removeprefix("data.") for k in differs if k.startswith("data.")]
+    python_keys = [k for k in differs if k in ("versions.python", "versions.python_build", "versions.python_stdlib")]
+    if not splits or not python_keys:
+        return None
+    explained = [s for s in splits if s.split("/", 1)[0] in _STDLIB_DOMAINS]
+    if not explained:
+        return None
+    new_py, old_py = (((env or {}).get("versions") or {}).get("python") for env in (new_env, old_env))
+    if new_py != old_py:
+        what = f"Python {new_py} vs {old_py}"
+    else:
+        what = f"another build of Python {new_py} (its standard library differs)"
+    domains = "/".join(dict.fromkeys(s.split("/", 1)[0] for s in explained))
+    ref = (new_env or {}).get("data_reference") or {}
+    new_reference = None
+    if ref.get("reference_python") and ref.get("matches") and not any(
+            s in (ref.get("differs") or []) for s in explained):
+        new_reference = ref["reference_python"]
+    return {"text": f"{what} (the {domains} corpus splits differ with it)", "keys": python_keys
+            + [f"data.{s}" for s in explained], "splits": explained, "domains": domains, "what": what,
+            "new_reference": new_reference}
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -237,13 +273,17 @@ def _val(v: str | None, width: int = 28) -> str:
     return v if len(v) <= width else v[: width - 1] + "…"
 
 
-def _inputs_summary(inputs: dict, limit: int = 8) -> str:
+def _inputs_summary(inputs: dict, limit: int = 8, data: dict | None = None) -> str:
+    """The differing inputs in a phrase; ``data`` (:func:`explain_data`) names the interpreter first, in place of the
+    corpus splits it explains."""
     if not inputs["new_has_env"] or not inputs["old_has_env"]:
         side = "OLD" if not inputs["old_has_env"] else "NEW"
         return f"unknown ({side} has no env block)"
     keys = list(inputs["differs"])
     if not keys:
         return "none"
+    if data:
+        keys = [data["text"]] + [k for k in keys if k not in data["keys"]]
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
@@ -263,6 +303,14 @@ def render(result: dict, top: int = 15) -> str:
         lines.append(f"  {'input':<{w}}  {'new':<28}  old")
         for k, (a, b) in inputs["differs"].items():
             lines.append(f"  {k:<{w}}  {_val(a):<28}  {_val(b)}")
+    data = result.get("data_explained")
+    if data:
+        n = len(data["splits"])
+        line = (f"Corpus: {n} {data['domains']} split{'s' if n != 1 else ''} differ because the interpreter does "
+                f"({data['what']}): the code and general domains are built from its standard library")
+        if data["new_reference"]:
+            line += f"; NEW's match the Python {data['new_reference']} reference digests"
+        lines.append(line + ".")
     peaks = result.get("matmul_peak_gflops") or {}
     if any(v is not None for v in peaks.values()):
         lines.append(f"fp32 matmul peak (measured, not compared): new {peaks.get('new')} GFLOP/s, "
@@ -301,7 +349,8 @@ def error_line(result: dict) -> str | None:
     r = next(r for r in m["rows"] if r["outside"])
     return (f"error: {m['outside']} of {m['total']} metrics outside the committed 95 % CI (largest: {r['method']} "
             f"{metric_label(r['group'], r['metric'])} {_num(r['new'])} vs {_num(r['old'])} "
-            f"[{_num(r['band'][0])}, {_num(r['band'][1])}]); differing inputs: {_inputs_summary(result['inputs'])}")
+            f"[{_num(r['band'][0])}, {_num(r['band'][1])}]); differing inputs: "
+            f"{_inputs_summary(result['inputs'], data=result.get('data_explained'))}")
 
 
 def compare(new: Mapping, old: Mapping, new_label: str = "NEW", old_label: str = "OLD") -> dict:
@@ -314,10 +363,12 @@ def compare(new: Mapping, old: Mapping, new_label: str = "NEW", old_label: str =
         "old": old_label,
         "profile_note": None,
         "inputs": compare_inputs(new.get("env"), old.get("env")),
+        "data_explained": None,
         "matmul_peak_gflops": {"new": (new.get("env") or {}).get("matmul_peak_gflops"),
                                "old": (old.get("env") or {}).get("matmul_peak_gflops")},
         "metrics": metrics,
     }
+    result["data_explained"] = explain_data(result["inputs"], new.get("env"), old.get("env"))
     if new.get("profile") != old.get("profile"):
         result["profile_note"] = (f"Note: profiles differ (new {new.get('profile')!r}, old {old.get('profile')!r}): "
                                   "the runs had different configurations.")
@@ -371,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     line = error_line(result)
     if line is None:
         print(f"ok: all {result['metrics']['total']} metrics inside the committed 95 % CI (or tolerance); "
-              f"differing inputs: {_inputs_summary(result['inputs'])}")
+              f"differing inputs: {_inputs_summary(result['inputs'], data=result.get('data_explained'))}")
         return 0
     print(line, file=sys.stderr)
     return 1

@@ -9,8 +9,11 @@ make them differ, so that ``bts compare`` can say *which* inputs differ when num
 * ``machine`` — CPU model, the ISA flags that select float kernels (AVX2/AVX-512/AMX...), torch's thread count and
   kernel capability, the BLAS/oneDNN/MKL build, and the environment variables that override kernel choice;
 * ``matmul_peak_gflops`` — measured fp32 matmul throughput (``matmul_peak``: its size, threads, repeats);
-* ``data`` — sha256 of every embedded data split (from the cache manifests), ``data_reference`` — the splits
-  that differ from the committed reference digests (:mod:`bts.data.digests`);
+* ``data`` — sha256 of every embedded data split (from the cache manifests), ``data_reference`` — how they compare
+  with the reference digests of the Python version that built them and with the committed results'
+  (:mod:`bts.data.digests`);
+* ``settings`` — switches of the project that change numerics: ``hub_kernels`` (``BTS_HUB_KERNELS``, see
+  :func:`bts.hub_kernels.hub_kernels_enabled`);
 * ``tokenizer`` and ``models`` — sha256 of the tokenizer directory and of each model / stitch checkpoint passed.
 
 Everything is best effort: a piece that cannot be found becomes ``null``, and nothing here raises.
@@ -282,6 +285,13 @@ def data_reference(cache_dir: str | os.PathLike | None = None) -> dict | None:
     return compare_to_reference(cache_dir)
 
 
+def settings() -> dict:
+    """The project's switches that change what runs: Hub kernels (off unless ``BTS_HUB_KERNELS=1``)."""
+    from bts.hub_kernels import hub_kernels_enabled
+
+    return {"hub_kernels": hub_kernels_enabled()}
+
+
 # ------------------------------------------------------------------------------------------------ collect
 def collect_env(models: Mapping[str, str | os.PathLike] | None = None, tokenizer_dir: str | os.PathLike | None = None,
                 cache_dir: str | os.PathLike | None = None, measure_peak: bool = True) -> dict:
@@ -294,6 +304,7 @@ def collect_env(models: Mapping[str, str | os.PathLike] | None = None, tokenizer
     env: dict = {"format": ENV_FORMAT}
     env["versions"] = _safe(versions)
     env["machine"] = _safe(machine)
+    env["settings"] = _safe(settings)
     peak = _safe(matmul_peak) if measure_peak else None
     env["matmul_peak_gflops"] = peak["gflops"] if peak else None
     env["matmul_peak"] = peak
@@ -340,6 +351,9 @@ def env_markdown(env: Mapping | None, heading: bool = True) -> str:
                  f"MKL {tb.get('mkl', '—')}, oneDNN {tb.get('onednn', '—')}.")
     if m.get("kernel_env"):
         lines.append("Kernel environment: " + ", ".join(f"`{k}={val}`" for k, val in m["kernel_env"].items()) + ".")
+    hub = (env.get("settings") or {}).get("hub_kernels")
+    if hub is not None:
+        lines.append(f"Hub kernels: {'on' if hub else 'off'} (`BTS_HUB_KERNELS`; docs/compatibility.md).")
     peak = env.get("matmul_peak") or {}
     if env.get("matmul_peak_gflops") is not None:
         lines.append(f"fp32 matmul peak: {env['matmul_peak_gflops']} GFLOP/s ({peak.get('size')}x{peak.get('size')}, "
@@ -358,6 +372,12 @@ def env_markdown(env: Mapping | None, heading: bool = True) -> str:
         if ref.get("differs"):
             lines.append("")
             lines.append(f"**Differs from the reference digests:** {', '.join(ref['differs'])} — {ref.get('cause')}")
+        elif ref.get("differs_from_results"):
+            from bts.data.digests import warning_line
+
+            lines.append("")
+            lines.append(f"**Built by another Python version than the committed results:** "
+                         f"{(warning_line(dict(ref)) or '').removeprefix('data: ')}")
         elif ref:
             lines.append("")
             lines.append("All data splits match the committed reference digests (`src/bts/data/reference_digests.json`).")

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+# the switch itself lives in bts.hub_kernels (readable without importing transformers); re-exported here
+from bts.hub_kernels import HUB_KERNELS_ENV, hub_kernels_enabled  # noqa: F401
 from bts.io import BTSError
-
-HUB_KERNELS_ENV = "BTS_HUB_KERNELS"
-"""Set to 1 to let ``transformers`` load Hub kernels (off by default: deterministic and offline)."""
 
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -103,11 +101,6 @@ def causal_masks(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
     by_type = {t: MASK_FUNCTIONS[t](**mask_kwargs(MASK_FUNCTIONS[t], config, inputs_embeds, position_ids, cache))
                for t in dict.fromkeys(types)}
     return [by_type[t] for t in types]
-
-
-def hub_kernels_enabled() -> bool:
-    """``BTS_HUB_KERNELS=1`` (or true/yes) lets ``transformers`` use Hub kernels; anything else keeps them off."""
-    return os.environ.get(HUB_KERNELS_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def load_kwargs() -> dict:

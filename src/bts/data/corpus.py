@@ -424,6 +424,8 @@ def _load_hf(domain: str, split: str, src: DomainSource, cache: Path) -> list[di
         raise BTSError(f"domain {domain}: dataset {src.path!r} ({src.data_files or src.name}) is empty") from None
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
             datasets.exceptions.DatasetGenerationError) as e:
+        if type(e.__cause__).__name__ == "SchemaInferenceError":  # what `datasets` 3.x raises for an empty file
+            raise BTSError(f"domain {domain}: dataset {src.path!r} ({src.data_files or src.name}) is empty") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BTSError(f"domain {domain}: could not load dataset {src.path!r} split {hf_split!r}: {msg}") from None
     if src.text_field not in ds.column_names:

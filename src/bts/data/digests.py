@@ -2,20 +2,29 @@
 
 The embedded corpus is rebuilt on each machine, and its content depends on more than this repository: the
 ``code`` domain *is* the interpreter's standard library (and ``general`` includes its docstrings and pydoc
-topics), so another Python patch release gives other files; ``general`` also depends on ``mwparserfromhell``
-(it strips the Wikipedia markup), ``math`` on ``mathematics-dataset``/``sympy``/``numpy`` and ``multilingual``
-on ``polib``. ``reference_digests.json`` (next to this module) holds the sha256 of every split as built in the
-reference environment (the one the committed ``results/`` were made in; CI's machine), with that environment.
+topics), so another Python version gives other files; ``general`` also depends on ``mwparserfromhell`` (it strips
+the Wikipedia markup), ``math`` on ``mathematics-dataset``/``sympy``/``numpy`` and ``multilingual`` on
+``polib``. ``reference_digests.json`` (next to this module) holds, for each supported Python minor version, the
+sha256 of every split as built there (``by_python``), with that environment; ``results_python`` names the minor
+version the committed ``results/`` were made with (CI's machine).
 
-:func:`check_reference` runs from :func:`bts.data.corpus.ensure_built` (build and load) and logs ONE warning line
-naming the differing splits and the likely cause, e.g.::
+:func:`check_reference` runs from :func:`bts.data.corpus.ensure_built` (build and load) and compares the build
+with the reference of the Python minor version that built it. It logs ONE warning line when something differs:
+
+* from that reference — the differing splits and the likely cause, e.g.::
 
     data: code/train.jsonl, code/val.jsonl, code/test.jsonl differ from the reference digests: this interpreter is
     3.11.2, the reference 3.11.7 (the code domain is the standard library); numbers will not match the committed
     results (reference: src/bts/data/reference_digests.json)
 
+* only from the committed results' reference (a build on another supported minor version, as expected)::
+
+    data: Python 3.12 builds other code/general splits than the 3.11 reference (...); they match the Python 3.12
+    reference digests, but numbers will not match the committed results (made with Python 3.11.7; ...)
+
 Domains built with non-default parameters are not compared (there is no reference for them). After an intended
-change of a builder, regenerate the file from a fresh build: ``python -m bts.data.digests --write``.
+change of a builder, regenerate this interpreter's entry from a fresh build: ``python -m bts.data.digests
+--write`` (with each supported minor version's interpreter: the entries of the others are kept).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from .corpus import DOMAINS
 log = logging.getLogger("bts.data")
 
 REFERENCE_FILE = Path(__file__).with_name("reference_digests.json")
-REFERENCE_FORMAT = 1
+REFERENCE_FORMAT = 2
 _SPLITS = ("train", "val", "test")
 
 # why an input can change a domain (for the warning)
@@ -61,17 +70,46 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def python_minor(version: str | None = None) -> str:
+    """``"3.12"`` for ``"3.12.1"`` (default: this interpreter)."""
+    if version is None:
+        return f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return ".".join(str(version).split(".")[:2])
+
+
+def _is_reference(ref) -> bool:
+    return isinstance(ref, dict) and isinstance(ref.get("domains"), dict)
+
+
 @functools.lru_cache(maxsize=4)
-def _load_reference(path: str) -> dict | None:
+def _load_file(path: str) -> dict | None:
     ref = _read_json(Path(path))
-    if not isinstance(ref, dict) or not isinstance(ref.get("domains"), dict):
+    if not isinstance(ref, dict):
+        return None
+    if ref.get("format") == 1 and _is_reference(ref):  # one interpreter's reference (the format before 2)
+        minor = python_minor((ref.get("made_with") or {}).get("python") or "?")
+        return {"format": REFERENCE_FORMAT, "results_python": minor, "by_python": {minor: ref}}
+    by = ref.get("by_python")
+    if not isinstance(by, dict) or not by or not all(_is_reference(r) for r in by.values()):
+        return None
+    if ref.get("results_python") not in by:
         return None
     return ref
 
 
-def load_reference(path: str | os.PathLike | None = None) -> dict | None:
-    """The committed reference (``None`` when missing or unreadable)."""
-    return _load_reference(str(path or REFERENCE_FILE))
+def load_references(path: str | os.PathLike | None = None) -> dict | None:
+    """The whole committed file: ``{"results_python": minor, "by_python": {minor: reference}}`` (``None`` when
+    missing or unreadable)."""
+    return _load_file(str(path or REFERENCE_FILE))
+
+
+def load_reference(path: str | os.PathLike | None = None, python: str | None = None) -> dict | None:
+    """One Python minor version's reference (``python``: ``"3.12"``; default: the committed results' version);
+    ``None`` when the file is missing or unreadable or has no entry for that version."""
+    refs = load_references(path)
+    if refs is None:
+        return None
+    return refs["by_python"].get(python_minor(python) if python else refs["results_python"])
 
 
 def _data_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -171,18 +209,16 @@ def _join_causes(causes: list[tuple[str, str | None]]) -> str:
     return "; ".join(f"{what} ({'; '.join(w)})" if w else what for what, w in whys.items())
 
 
-def compare_to_reference(cache_dir: str | os.PathLike | None = None, domains=None, data_dir=None,
-                         reference: dict | None = None) -> dict | None:
-    """Compare the built domains with the reference: ``{"matches", "differs": [split keys], "cause", "by_domain",
-    "checked": [domains], "skipped": {domain: why}}``; ``None`` when there is no reference or nothing is built."""
-    ref = reference if reference is not None else load_reference()
-    if ref is None:
-        return None
-    mans = manifests(cache_dir, data_dir)
-    if domains is not None:
-        mans = {d: m for d, m in mans.items() if d in set(domains)}
-    if not mans:
-        return None
+def _built_python(mans: dict[str, dict]) -> str | None:
+    """The Python minor version that built the domains (from their build keys), ``None`` when none records it."""
+    for man in mans.values():
+        py = (((man.get("key") or {}).get("env") or {}).get("python"))
+        if py:
+            return python_minor(py)
+    return None
+
+
+def _compare(mans: dict[str, dict], ref: dict) -> dict:
     differs: list[str] = []
     causes: dict[str, list[tuple[str, str | None]]] = {}
     checked, skipped = [], {}
@@ -207,26 +243,84 @@ def compare_to_reference(cache_dir: str | os.PathLike | None = None, domains=Non
             "skipped": skipped, "reference_python": (ref.get("made_with") or {}).get("python")}
 
 
-def warning_line(result: dict | None) -> str | None:
-    """The one-line warning for a comparison (``None`` when everything checked matches)."""
-    if not result or result.get("matches", True):
+def compare_to_reference(cache_dir: str | os.PathLike | None = None, domains=None, data_dir=None,
+                         reference: dict | None = None) -> dict | None:
+    """Compare the built domains with the reference of the Python minor version that built them (``reference``:
+    compare with that one instead). ``None`` when there is no reference or nothing is built. Else::
+
+        {"matches": bool, "differs": [split keys], "cause", "by_domain": {domain: cause}, "checked": [domains],
+         "skipped": {domain: why}, "reference_python": the compared reference's version,
+         "results_python": the committed results' version, "differs_from_results": [split keys]}
+
+    ``matches``/``differs`` are against the compared reference; ``differs_from_results`` against the committed
+    results' (the same list when they are one reference). A build on another supported minor version matches its
+    own reference and differs from the results' in the splits that version changes (code, general)."""
+    refs = None
+    if reference is None:
+        refs = load_references()
+        if refs is None:
+            return None
+    mans = manifests(cache_dir, data_dir)
+    if domains is not None:
+        mans = {d: m for d, m in mans.items() if d in set(domains)}
+    if not mans:
         return None
-    return (f"data: {', '.join(result['differs'])} differ{'s' if len(result['differs']) == 1 else ''} from the "
-            f"reference digests: {result['cause']}; numbers will not match the committed results "
-            f"(reference: src/bts/data/{REFERENCE_FILE.name})")
+    if refs is None:
+        res = _compare(mans, reference)
+        return {**res, "results_python": res["reference_python"], "differs_from_results": list(res["differs"])}
+    results_ref = refs["by_python"][refs["results_python"]]
+    built = _built_python(mans) or python_minor()
+    own = refs["by_python"].get(built)
+    res = _compare(mans, own if own is not None else results_ref)
+    if own is None:
+        known = ", ".join(sorted(refs["by_python"], key=lambda v: tuple(map(int, v.split(".")))))
+        note = (f"there are no reference digests for Python {built} (only for {known})", None)
+        res["cause"] = _join_causes([note, *([(res["cause"], None)] if res["cause"] else [])]) if res["differs"] \
+            else res["cause"]
+    res["results_python"] = (results_ref.get("made_with") or {}).get("python")
+    res["differs_from_results"] = (list(res["differs"]) if own is None or own is results_ref
+                                   else _compare(mans, results_ref)["differs"])
+    return res
+
+
+def _flagged_domains(result: dict) -> list[str]:
+    """The domains a warning is about (differing from either reference), in first-seen order."""
+    keys = list(result.get("differs") or []) + list(result.get("differs_from_results") or [])
+    return list(dict.fromkeys(k.split("/", 1)[0] for k in keys))
+
+
+def warning_line(result: dict | None) -> str | None:
+    """The one-line warning for a comparison (``None`` when everything checked matches both the build's own
+    reference and the committed results')."""
+    if not result:
+        return None
+    tail = f"(reference: src/bts/data/{REFERENCE_FILE.name})"
+    if not result.get("matches", True):
+        return (f"data: {', '.join(result['differs'])} differ{'s' if len(result['differs']) == 1 else ''} from the "
+                f"reference digests: {result['cause']}; numbers will not match the committed results {tail}")
+    other = result.get("differs_from_results") or []
+    if not other:
+        return None
+    built, ref = python_minor(result.get("reference_python")), python_minor(result.get("results_python"))
+    doms = list(dict.fromkeys(k.split("/", 1)[0] for k in other))
+    why = "; ".join(_PYTHON_WHY[d] for d in doms if d in _PYTHON_WHY)
+    return (f"data: Python {built} builds other {'/'.join(doms)} splits than the {ref} reference"
+            f"{f' ({why})' if why else ''}; they match the Python {built} reference digests, but numbers will not "
+            f"match the committed results (made with Python {result.get('results_python')}; {tail[1:]}")
 
 
 def check_reference(data_dir: str | os.PathLike, domains=None) -> str | None:
-    """Called when the corpus is built or loaded: log the warning line, once per process for each differing domain
+    """Called when the corpus is built or loaded: log the warning line, once per process for each flagged domain
     (the datamodule loads every split; one line is enough). Returns the line for ``domains``. Never raises."""
     try:
         res = compare_to_reference(data_dir=data_dir, domains=domains)
         line = warning_line(res)
         if line is None:
             return None
-        fresh = [d for d in res["by_domain"] if d not in _warned]
+        flagged = _flagged_domains(res)
+        fresh = [d for d in flagged if d not in _warned]
         if fresh:
-            sub = res if len(fresh) == len(res["by_domain"]) else compare_to_reference(data_dir=data_dir, domains=fresh)
+            sub = res if len(fresh) == len(flagged) else compare_to_reference(data_dir=data_dir, domains=fresh)
             _warned.update(fresh)
             log.warning("%s", warning_line(sub))
         return line
@@ -243,7 +337,7 @@ def _package_version(dist: str) -> str:
 
 
 def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) -> dict:
-    """The reference content from the built corpus (every domain must be built with default parameters)."""
+    """This interpreter's reference entry from the built corpus (every domain built with default parameters)."""
     from .sources import EmbeddedConfig
 
     mans = manifests(cache_dir, data_dir)
@@ -270,10 +364,6 @@ def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) ->
                       for name, e in sorted((man.get("files") or {}).items())},
         }
     return {
-        "format": REFERENCE_FORMAT,
-        "about": "sha256 of the embedded corpus splits as built in the reference environment (the committed results' "
-                 "and CI's); checked by bts.data.digests at build/load time. Regenerate: python -m bts.data.digests "
-                 "--write",
         "made_with": {
             "python": platform.python_version(),
             "implementation": sys.implementation.name,
@@ -285,6 +375,23 @@ def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) ->
     }
 
 
+def with_entry(entry: dict, existing: dict | None) -> dict:
+    """The file's content with ``entry`` (from :func:`make_reference`) as its interpreter's minor version's
+    reference; the other versions' entries and ``results_python`` are kept (a new file: this version)."""
+    minor = python_minor(entry["made_with"]["python"])
+    by = dict((existing or {}).get("by_python") or {})
+    by[minor] = entry
+    return {
+        "format": REFERENCE_FORMAT,
+        "about": "sha256 of the embedded corpus splits as built by each Python minor version (by_python; the code "
+                 "and general domains are the interpreter's standard library); results_python: the version the "
+                 "committed results were made with (CI's). Checked by bts.data.digests at build/load time. "
+                 "Regenerate an entry with that version: python -m bts.data.digests --write",
+        "results_python": (existing or {}).get("results_python") or minor,
+        "by_python": {v: by[v] for v in sorted(by, key=lambda v: tuple(int(x) for x in v.split(".")))},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -292,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Compare the built embedded corpus with the reference digests, or "
                                             "(--write) make the reference from it.")
     p.add_argument("--cache-dir", help="data cache (default: $BTS_CACHE_DIR, else ./.cache/bts)")
-    p.add_argument("--write", action="store_true", help=f"write {REFERENCE_FILE} from the built corpus")
+    p.add_argument("--write", action="store_true", help=f"write this Python minor version's entry of {REFERENCE_FILE} from the built "
+                                                        "corpus (the other versions' entries are kept)")
     p.add_argument("--build", action="store_true", help="build the corpus first (default parameters)")
     a = p.parse_args(argv)
     from bts.io import BTSError, atomic_write_json
@@ -303,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_built(a.cache_dir)
         if a.write:
-            atomic_write_json(REFERENCE_FILE, make_reference(a.cache_dir))
-            _load_reference.cache_clear()
-            print(f"wrote {REFERENCE_FILE}")
+            atomic_write_json(REFERENCE_FILE, with_entry(make_reference(a.cache_dir), load_references()))
+            _load_file.cache_clear()
+            print(f"wrote the Python {python_minor()} entry of {REFERENCE_FILE}")
             return 0
         result = compare_to_reference(a.cache_dir)
     except BTSError as e:
@@ -315,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to compare (no reference file, or no corpus built)")
         return 0
     line = warning_line(result)
-    print(line or f"data: {', '.join(result['checked'])} match the reference digests")
+    print(line or f"data: {', '.join(result['checked'])} match the Python {result['reference_python']} reference digests")
     return 1 if line else 0
 
 

