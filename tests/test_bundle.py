@@ -80,7 +80,8 @@ def made(tmp_path_factory):
 def node_env(monkeypatch):
     """What activate() changes, restored after the test."""
     for name in (offline.ENV, "BTS_WHEEL_DIR", *offline.OFFLINE_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that what activate() sets is undone (delenv of an unset one
+        monkeypatch.delenv(name)  # records nothing)
     monkeypatch.setattr(offline, "_active", {})
     monkeypatch.setattr(offline, "_said_corpus", False)
     return monkeypatch

@@ -342,10 +342,14 @@ def project_wheel(root: Path, cache: Path) -> Path:
         for p in files:
             (Path(tmp) / p.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, Path(tmp) / p.relative_to(root))
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-input",
-               "--disable-pip-version-check", "--quiet", "-w", str(out), tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input", "--disable-pip-version-check",
+               "--quiet", "-w", str(out), tmp]
+        env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
+        # this environment's setuptools first (no download); pip's isolated build (fetches the build-system
+        # requirements) when it is too old for pyproject.toml
+        proc = subprocess.run([*cmd, "--no-build-isolation"], capture_output=True, text=True, check=False, env=env)
+        if proc.returncode != 0:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise BTSError(f"could not build the project's wheel from {root}: {_last_line(proc)}")
     hits = sorted(folder.glob("*.whl"))
@@ -469,10 +473,9 @@ def _bundle_corpus(cache: Path, tmp: Path, out: Path) -> dict:
 
 def _readme(man: dict) -> str:
     py = man["python"]
-    install = (f"python3 -m pip install --no-index --no-deps {offline.PYTHON_WHEELS}/*.whl   # Python "
-               f"{py['version']}: the project and the {len(py['wheels'])} packages the node lacks"
-               if py else f"python3 -m pip install --no-index --no-deps {offline.PYTHON_WHEELS}/*.whl   # the project "
-               "(its dependencies must already be installed)")
+    install = f"python3 -m pip install --no-index --no-deps BUNDLE/{offline.PYTHON_WHEELS}/*.whl   # " + (
+        f"Python {py['version']}: the project and the {len(py['wheels'])} packages the node lacks" if py
+        else "the project (its dependencies must be there already)")
     corpus = (f"- `{offline.CORPUS}/`: the embedded corpus built with Python {man['corpus']['python']}, used as is.\n"
               if man["corpus"] else "")
     return f"""# bts offline bundle
@@ -514,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)")
     ap.add_argument("--project", help="the project's source tree (default: the one bts runs from)")
     args = ap.parse_args(argv)
+    os.environ.pop(offline.ENV, None)  # a bundle is made from this machine's own cache, never from another bundle
     if args.verify is not None:
         if args.out or args.deps or args.with_corpus:
             raise BTSError("bts bundle: --verify DIR takes no other argument")

@@ -127,6 +127,9 @@ def activate(folder: str | os.PathLike) -> dict:
             raise BTSError(f"bundle {folder}: package {missing[0]}{more} is not installed; install the bundled "
                            f"wheels first: python -m pip install --no-index --no-deps {folder / PYTHON_WHEELS}/*.whl")
         _active[str(folder)] = man
+        total = sum(e.get("bytes", 0) for e in man["files"].values())
+        print(f"offline bundle {folder}: {len(man['files'])} files ({total / 1e6:.1f} MB) verified; the Hugging Face "
+              "libraries and pip run offline", file=sys.stderr, flush=True)
     os.environ[ENV] = str(folder)
     os.environ["BTS_WHEEL_DIR"] = str(folder / DATA_WHEELS)
     for name in OFFLINE_ENV:
