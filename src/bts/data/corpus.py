@@ -12,7 +12,9 @@ they are disjoint and stable; exact duplicate texts within a domain are dropped 
 The same inputs give byte-identical JSONL files. A domain is rebuilt when its manifest is missing, was made with
 other build parameters / format version / interpreter or package versions, or when a file's sha256 no longer
 matches the manifest (logged as a warning). Files are written to a temporary folder that replaces the domain
-folder in one rename; concurrent builders (e.g. DDP ranks) are serialised with a file lock.
+folder in one rename; concurrent builders (e.g. DDP ranks) are serialised with a file lock. Under an offline
+bundle (``$BTS_BUNDLE``, bts.offline) a domain the bundle holds is copied from it and kept although another
+interpreter built it.
 
 Real corpora: pass a :class:`DomainSource` with ``kind="hf"`` (``load_split(..., source=...)`` or the
 datamodule's ``sources``); records have the same shape.
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bts import offline
 from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir, sha256_file, share_tree
 
 from .sources import FORMAT_VERSION, EmbeddedConfig, package_version, split_of
@@ -194,7 +197,7 @@ def _stale_reason(domain_dir: Path, key: dict) -> tuple[str | None, bool]:
         if not domain_dir.exists():
             return "not built yet, building", False
         return "manifest missing or unreadable", True
-    if man.get("key") != key:
+    if man.get("key") != key and not offline.vouches_for(domain_dir, key):
         return "built with other parameters or versions, rebuilding", False
     for split in SPLITS:
         name = f"{split}.jsonl"
@@ -302,9 +305,12 @@ def ensure_built(cache_dir: str | os.PathLike | None = None, domains=DOMAINS, co
         todo = stale()  # re-check under the lock: another process may have built it meanwhile
         if not todo:
             return _checked(data_dir, domains)
+        if not force:  # an offline bundle's copy of a domain is used as is (bts.offline), not rebuilt here
+            todo = {d: r for d, r in todo.items() if not offline.install_domain(data_dir / d, keys[d])}
         # code before general: the general build reuses the docstrings the code build collected
         order = ("code", "general", "multilingual", "math")
-        _build(cache, data_dir, [d for d in order if d in todo], config, keys, progress)
+        if todo:
+            _build(cache, data_dir, [d for d in order if d in todo], config, keys, progress)
         _write_index(data_dir)
     return _checked(data_dir, domains)
 
