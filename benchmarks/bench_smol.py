@@ -7,7 +7,8 @@ Called by ``benchmarks/gpu_check.py --sizes smol`` (one CUDA device, ~2-3 min). 
   the old path (logits cross-entropy in fp32, foreach AdamW, batch 16) and the new one (chunked LM-head
   cross-entropy ``bts.losses``, fused AdamW) at batch 16 / 32 / 64, and per-layer ``torch.compile`` at the largest.
 * ``bts``: the BTS step over 4 models (seed + 3 experts, K = 4): frozen models in fp32 (cast by autocast at every
-  matmul) or held in bf16, batch 16 / 32, and ``StitchConfig(compile=True)``; beside it the frozen floor (each of
+  matmul) or held in bf16, batch 16 / 32 (``StitchConfig(compile=True)`` only in the CPU dry run: on a GPU the
+  compile lever is measured once, in ``expert``, to keep the session short); beside it the frozen floor (each of
   the n+1 models' forward and input-gradient backward, one after another) and the ratio step ÷ floor.
 * ``eval``: scoring forward passes (logits + per-token NLL, no grad): a dense model and the stitched model.
 * ``lightning``: ``CausalLMModule`` under ``Trainer.fit`` against a plain loop doing the same work on the same
@@ -188,7 +189,7 @@ def bench_bts(device, peak: float, compile_ok: bool, warmup: int, steps: int) ->
     arch = _arch(device)
     variants = [("frozen_fp32_b16", torch.float32, 16, False), ("frozen_bf16_b16", torch.bfloat16, 16, False),
                 ("frozen_bf16_b32", torch.bfloat16, 32, False)]
-    if compile_ok:
+    if compile_ok and device.type != "cuda":  # on the GPU the dense section measures compile (device time is short)
         variants.append(("frozen_bf16_compiled_b32", torch.bfloat16, 32, True))
     out = {}
     for name, dtype, batch, compiled in variants:
