@@ -1,4 +1,4 @@
-# Two commands on a fresh machine (DESIGN.md §6): `make reproduce` and `make test`.
+# Two commands on a fresh machine (docs/design.md §6): `make reproduce` and `make test`.
 # Both bootstrap .venv when it is missing: torch first (torch==2.13.0; the CPU build where the pip index serves it),
 # then the project.
 PYTHON ?= python3

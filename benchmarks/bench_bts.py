@@ -70,8 +70,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bts.model import StitchConfig, StitchedLM
-from bts.modeling import LlamaArch, build_llama
+from bts.dense.modeling import LlamaArch, build_llama
+from bts.stitch.model import StitchConfig, StitchedLM
 
 
 # --------------------------------------------------------------------------------------------------- sizes
@@ -420,7 +420,7 @@ def lightning_frozen_check() -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from bts.stitch_module import StitchModule
+    from bts.stitch.module import StitchModule
 
     size = replace(SIZES["tiny"], arch=LlamaArch(vocab_size=97, hidden_size=32, intermediate_size=64,
                                                   num_hidden_layers=4))
@@ -781,7 +781,7 @@ def decisions(res: dict) -> list[str]:
             parts.append(f"{n}: K stitch layers fwd+bwd ×{tr['stitch_layers_after_vs_before']:.2f}, whole step "
                          f"×{1 / d['vs_reference']:.2f}")
         out.append(
-            "- **E2H gate layout** (`bts/stitch.py`, **kept**, after ÷ before): " + "; ".join(parts) + ". The E2H "
+            "- **E2H gate layout** (`bts/stitch/layer.py`, **kept**, after ÷ before): " + "; ".join(parts) + ". The E2H "
             "softmax now runs with the model axis outside the hidden axis (a transposed view of the same logits: "
             "same dropout mask, same weights layout) and the mixing is a broadcast multiply + sum instead of an "
             "einsum that ran B·T·d tiny matmuls. Equal to the old formula within fp32 round-off "

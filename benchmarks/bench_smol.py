@@ -5,7 +5,7 @@ Called by ``benchmarks/gpu_check.py --sizes smol`` (one CUDA device, ~2-3 min). 
 
 * ``expert``: continued pretraining of one model (every weight trains, bf16 autocast as ``bf16-mixed``):
   the old path (logits cross-entropy in fp32, foreach AdamW, batch 16) and the new one (chunked LM-head
-  cross-entropy ``bts.losses``, fused AdamW) at batch 16 / 32 / 64, and per-layer ``torch.compile`` at the largest.
+  cross-entropy ``bts.training.losses``, fused AdamW) at batch 16 / 32 / 64, and per-layer ``torch.compile`` at the largest.
 * ``bts``: the BTS step over 4 models (seed + 3 experts, K = 4): frozen models in fp32 (cast by autocast at every
   matmul) or held in bf16, batch 16 / 32 (``StitchConfig(compile=True)`` only in the CPU dry run: on a GPU the
   compile lever is measured once, in ``expert``, to keep the session short); beside it the frozen floor (each of
@@ -14,7 +14,7 @@ Called by ``benchmarks/gpu_check.py --sizes smol`` (one CUDA device, ~2-3 min). 
 * ``lightning``: ``CausalLMModule`` under ``Trainer.fit`` against a plain loop doing the same work on the same
   batches (overhead = Lightning's time ÷ the loop's − 1).
 
-Model FLOPs per token come from ``bts.flops`` (checked against ``torch.utils.flop_counter`` in tests/test_flops.py).
+Model FLOPs per token come from ``bts.training.flops`` (checked against ``torch.utils.flop_counter`` in tests/test_flops.py).
 On a CPU (``--allow-cpu``) the shapes shrink to 4 layers and 2 × 64 tokens: a dry run of the code paths only.
 """
 
@@ -28,11 +28,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bts import flops
-from bts.losses import linear_cross_entropy
-from bts.model import StitchConfig, StitchedLM
-from bts.modeling import LlamaArch, build_llama
-from bts.throughput import matmul_peak, synchronize
+from bts.dense.modeling import LlamaArch, build_llama
+from bts.stitch.model import StitchConfig, StitchedLM
+from bts.training import flops
+from bts.training.losses import linear_cross_entropy
+from bts.training.throughput import matmul_peak, synchronize
 
 SMOL = LlamaArch(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
@@ -251,8 +251,8 @@ def bench_lightning(device, warmup: int, steps: int) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from bts.lm import CausalLMModule
-    from bts.schedule import warmup_cosine
+    from bts.dense.module import CausalLMModule
+    from bts.training.schedule import warmup_cosine
 
     arch = _arch(device)
     b, t = _shape(device, 64)

@@ -45,10 +45,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-
 import bench_bts as B  # noqa: E402
 import bench_smol  # noqa: E402
+import torch  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -141,7 +140,7 @@ def bench_size(name: str, device, dtype, compile_ok: bool) -> dict:
 
 # --------------------------------------------------------------------------------------------------- Lightning
 def save_family(tmp: Path, arch, n_experts: int = 3) -> list[str]:
-    from bts.modeling import build_llama
+    from bts.dense.modeling import build_llama
 
     dirs = []
     for i in range(n_experts + 1):
@@ -162,9 +161,9 @@ def loader(vocab: int, n: int = 64, t: int = 128, batch: int = 16):
 def lightning_bf16(device) -> dict:
     import lightning as L
 
-    from bts.model import StitchConfig
-    from bts.modeling import LlamaArch
-    from bts.stitch_module import StitchModule
+    from bts.dense.modeling import LlamaArch
+    from bts.stitch.model import StitchConfig
+    from bts.stitch.module import StitchModule
 
     arch = LlamaArch()
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +199,8 @@ def fsdp_run(config: str, kind: str) -> dict:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from bts.cli import run_lightning
-    from bts.modeling import LlamaArch
+    from bts.cli.lightning import run_lightning
+    from bts.dense.modeling import LlamaArch
 
     arch = LlamaArch()
     with tempfile.TemporaryDirectory() as tmp:

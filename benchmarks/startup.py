@@ -13,7 +13,7 @@ Cases:
 
 * ``bts --help``: the command table (no command module imported);
 * a config-key error: ``bts fit --config configs/bts/tiny.yaml --trainer.max_stepz 3`` (unknown Trainer key, caught
-  by ``bts.config_check`` before lightning/torch/the model classes are imported);
+  by ``bts.cli.config_check`` before lightning/torch/the model classes are imported);
 * an unknown ``init_args`` key: ``--model.init_args.bogus 1`` (same check, read from the module's source), and a
   nested one, ``--model.init_args.stitch.bogus 1`` (a field of the ``StitchConfig`` dataclass);
 * for comparison, a bad value only the full parser sees (``--trainer.max_steps abc``): the cost of importing

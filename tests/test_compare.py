@@ -10,8 +10,8 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from bts import cli
-from bts.compare import compare, error_line, flatten_env
+from bts.cli import main as cli
+from bts.pipeline.compare import compare, error_line, flatten_env
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -67,7 +67,7 @@ def bts_cli(monkeypatch):
 
     def commands():
         out = dict(real())
-        out["compare"] = EntryPoint(name="compare", value="bts.compare:main", group="bts.commands")
+        out["compare"] = EntryPoint(name="compare", value="bts.pipeline.compare:main", group="bts.commands")
         return out
 
     monkeypatch.setattr(cli, "_commands", commands)

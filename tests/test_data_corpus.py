@@ -7,10 +7,11 @@ import logging
 
 import pytest
 
+from bts.core.io import BTSError
 from bts.data import corpus
-from bts.data.corpus import DOMAINS, DomainSource, ensure_built, load_split
+from bts.data.corpus import DomainSource, ensure_built, load_split
+from bts.data.domains import DOMAINS
 from bts.data.sources import EmbeddedConfig, Provenance
-from bts.io import BTSError
 
 
 def _records(domain: str, n: int = 400) -> list[dict]:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from bts.core.io import BTSError
 from bts.data import datamodule as dm_mod
-from bts.data.corpus import DOMAINS
 from bts.data.datamodule import DomainMixDataModule, blocks_of, pack_stream, train_plan
+from bts.data.domains import DOMAINS
 from bts.data.tokenizer import build_tokenizer
-from bts.io import BTSError
 
 SEQ = 16
 

@@ -12,7 +12,8 @@ import re
 import pytest
 
 from bts.data import corpus, digests
-from bts.data.corpus import DOMAINS, ensure_built
+from bts.data.corpus import ensure_built
+from bts.data.domains import DOMAINS
 from bts.data.sources import EmbeddedConfig, Provenance
 
 
@@ -148,7 +149,7 @@ def test_package_builder_wheel_and_stdlib_causes(tmp_path, reference):
     assert res["differs"] == ["general/train.jsonl", "code/train.jsonl", "math/val.jsonl", "multilingual/val.jsonl"]
     by = res["by_domain"]
     assert "mwparserfromhell is 0.6.6 here" in by["general"] and "Wikipedia markup" in by["general"]
-    assert "builder code changed" in by["math"] and "python -m bts.data.digests --write" in by["math"]
+    assert "builder code changed" in by["math"] and "bts data --write-digests" in by["math"]
     assert by["multilingual"].startswith("the wheel Django==")
     assert "standard library at /usr/lib/python3.11 differs" in by["code"]
     line = digests.warning_line(res)
@@ -241,7 +242,7 @@ def test_a_version_without_reference_says_so(tmp_path, reference):
 def test_this_environment_matches_the_reference():
     """CI's machines build what the reference of their Python minor version says: a failure names the differing
     splits and the likely cause (interpreter, package, wheel or builder change); after an intended builder change
-    regenerate the entry with ``python -m bts.data.digests --write`` under each supported version."""
+    regenerate the entry with ``bts data --write-digests`` under each supported version."""
     cache = os.environ.get("BTS_CACHE_DIR") or str(corpus.default_cache_dir())
     data = ensure_built(cache, progress=False)
     res = digests.compare_to_reference(data_dir=data)

@@ -13,10 +13,11 @@ import re
 
 import pytest
 
+from bts.core.io import sha256_file
 from bts.data import corpus
-from bts.data.corpus import DOMAINS, ensure_built, load_split
+from bts.data.corpus import ensure_built, load_split
+from bts.data.domains import DOMAINS
 from bts.data.sources import EmbeddedConfig, multilingual
-from bts.io import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from bts.data.corpus import DOMAINS
+from bts.core.io import BTSError
+from bts.data.domains import DOMAINS
 from bts.data.mixtures import PRESETS, active_domains, resolve_mixture
-from bts.io import BTSError
 
 
 def test_presets_match_the_paper():

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bts.core.io import BTSError
 from bts.data.sources import EmbeddedConfig, chunk_paragraphs, math_compat, paragraphs, split_of
 from bts.data.sources import code as code_src
 from bts.data.sources import general as general_src
 from bts.data.sources import math as math_src
 from bts.data.sources import multilingual as ml_src
-from bts.io import BTSError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bts.core.io import BTSError
 from bts.data.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer,
@@ -13,7 +14,6 @@ from bts.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-from bts.io import BTSError
 
 CODE = 'class A:\n\tdef f(self, x):\n        if x:\n            return  "a\\tb"   \n\n\n    # tail  \n'
 HINDI = "नमस्ते दुनिया! यह एक परीक्षण वाक्य है। हिन्दी में १२३ अंक।"

@@ -31,10 +31,10 @@ torch.set_num_threads(1)
 import lightning as L
 from torch.utils.data import DataLoader
 
-from bts.lm import CausalLMModule
-from bts.model import StitchConfig
-from bts.modeling import LlamaArch
-from bts.stitch_module import StitchModule
+from bts.dense.module import CausalLMModule
+from bts.stitch.model import StitchConfig
+from bts.dense.modeling import LlamaArch
+from bts.stitch.module import StitchModule
 
 STEPS = 3
 VOCAB = 97

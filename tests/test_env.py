@@ -1,4 +1,4 @@
-"""`bts.env.collect_env`: the "env" block of metrics.json (versions, machine, data/tokenizer/model hashes)."""
+"""`bts.pipeline.env.collect_env`: the "env" block of metrics.json (versions, machine, data/tokenizer/model hashes)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bts import env as bts_env
-from bts.env import collect_env, dir_sha256, env_markdown, matmul_peak
+from bts.pipeline import env as bts_env
+from bts.pipeline.env import collect_env, dir_sha256, env_markdown, matmul_peak
 
 
 def _fake_cache(root, domains=("code", "general")):

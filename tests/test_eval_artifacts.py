@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from bts.cli import main as bts_main
+from bts.cli.main import main as bts_main
+from bts.core.io import atomic_write_json, copy_tokenizer_files
 from bts.eval.testing import all_texts, synthetic_records, tiny_tokenizer
-from bts.io import atomic_write_json, copy_tokenizer_files
 from conftest import perturbed_copy, tiny_llama
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,8 +36,8 @@ def artifacts(tmp_path_factory):
     from baselines.expert_routing import ExpertRouter
     from baselines.moe import load_family
     from baselines.upcycle import build_btx
-    from bts.model import StitchedLM
-    from bts.stitch_checkpoint import save_stitched
+    from bts.stitch.checkpoint import save_stitched
+    from bts.stitch.model import StitchedLM
 
     root = tmp_path_factory.mktemp("artifacts")
     records = synthetic_records(30)
@@ -82,8 +82,8 @@ def test_suite_evaluates_every_artifact_kind(artifacts, kind, tmp_path, capsys):
     import torch
     import torch.nn.functional as F
 
+    from bts.data.switching import switch_blocks_of
     from bts.eval.command import load_model_and_tokenizer
-    from bts.eval.tasks.switching import switch_blocks_of
 
     dirs, jsonl, _ = artifacts
     out = tmp_path / "m.json"

@@ -7,6 +7,8 @@ import importlib
 import pytest
 import torch
 
+from bts.core.io import BTSError
+from bts.eval.stats import cell_value
 from bts.eval.suite import (
     TASK_GROUPS,
     TASKS,
@@ -21,8 +23,6 @@ from bts.eval.suite import (
 )
 from bts.eval.tasks import FAMILIES, family_of
 from bts.eval.testing import all_texts, synthetic_records, tiny_tokenizer
-from bts.io import BTSError
-from bts.stats import cell_value
 from conftest import tiny_llama
 
 CORPUS_LEVEL = {"translation_s_chrf", "translation_t_chrf"}  # no per-item cell (see bts.eval.tasks.translation)
@@ -51,7 +51,7 @@ def tok(data):
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from bts.eval.interface import HFLanguageModel
+    from bts.core.language_model import HFLanguageModel
 
     return HFLanguageModel(tiny_llama(0, vocab=len(tok)))
 

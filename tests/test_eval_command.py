@@ -168,9 +168,9 @@ def test_callback_logs_and_writes_json(tmp_path):
     import torch
     from lightning.pytorch.loggers import CSVLogger
 
+    from bts.dense.modeling import LlamaArch
+    from bts.dense.module import CausalLMModule
     from bts.eval.callbacks import DownstreamEvalCallback
-    from bts.lm import CausalLMModule
-    from bts.modeling import LlamaArch
 
     data = synthetic_records(30)
     tok = tiny_tokenizer(all_texts(data), vocab_size=300)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bts.core.io import BTSError
 from bts.eval.humaneval import (
     check_completion,
     human_eval_exec_enabled,
@@ -20,7 +21,6 @@ from bts.eval.humaneval import (
 )
 from bts.eval.sandbox import isolation_problem, run_job
 from bts.eval.suite import select_humaneval
-from bts.io import BTSError
 
 IDS = ["HumanEval/0", "HumanEval/2", "HumanEval/33", "HumanEval/53"]  # 33's tests call the function by name
 # f(x) = x + 1, checked on two inputs: the second call only happens after the first assertion held

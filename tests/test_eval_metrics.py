@@ -23,8 +23,8 @@ from bts.eval.metrics import (
     span_exact_matches,
     word_char_spans,
 )
-from bts.eval.perplexity import DomainPerplexity, token_nll
 from bts.eval.testing import tiny_tokenizer
+from bts.training.perplexity import DomainPerplexity, token_nll
 
 
 # --- perplexity ------------------------------------------------------------------------------------------------

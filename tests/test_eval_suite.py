@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bts.eval.interface import HFLanguageModel, greedy_or_sample_uncached
+from bts.core.io import BTSError
+from bts.core.language_model import HFLanguageModel, greedy_or_sample_uncached
 from bts.eval.metrics import normalize_math_answer
 from bts.eval.suite import (
     DEFAULT_TASKS,
@@ -29,7 +30,6 @@ from bts.eval.suite import (
     template_pair_format,
 )
 from bts.eval.testing import all_texts, synthetic_records, tiny_tokenizer
-from bts.io import BTSError
 from conftest import tiny_llama
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bts.eval.interface import HFLanguageModel
+from bts.core.io import BTSError
+from bts.core.language_model import HFLanguageModel
+from bts.data.switching import DEFAULT_TYPES, switch_blocks_of
+from bts.eval.stats import cell_value
 from bts.eval.suite import EvalConfig, evaluate, resolve_selection
-from bts.eval.tasks.switching import DEFAULT_TYPES, switch_blocks_of
-from bts.io import BTSError
-from bts.stats import cell_value
 from conftest import perturbed_copy, tiny_llama
 
 ALPHABETS = {"general": "abcdefgh ", "code": "ijklmn()=", "math": "0123456789+", "multilingual": "opqrstuvw"}
@@ -208,8 +208,8 @@ def _switch_cell(rng, nll_per_token, n=36):
 
 
 def test_switching_claims_sign_and_cis():
-    from bts.claims import check_claims
-    from bts.summary import add_cell_cis
+    from bts.pipeline.claims import check_claims
+    from bts.pipeline.summary import add_cell_cis
 
     rng = np.random.default_rng(5)
     per_seed = []
@@ -242,7 +242,7 @@ def test_switching_claims_sign_and_cis():
 
 
 def test_tables_show_switching_perplexity_with_cis(tmp_path):
-    from bts.report import write_results
+    from bts.pipeline.report import write_results
 
     def entry(family, ppl, switch):
         return {"family": family, "params": {"trained": 1, "total": 2, "active": 2},

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from baselines.expert_routing import ExpertRouter, ExpertRoutingModule, load_expert_router
-from bts.io import state_dict_sha256
-from bts.params import count_params
+from bts.core.io import state_dict_sha256
+from bts.core.params import count_params
 from conftest import perturbed_copy, tiny_llama
 
 VOCAB, SEQ = 97, 24
@@ -190,7 +190,7 @@ def test_forward_matches_generation_prefix_logits(llama_family):
         assert full.shape == (5, 9, VOCAB)
         for t in range(9):
             torch.testing.assert_close(full[:, t], router(ids[:, : t + 1])[:, -1], atol=1e-5, rtol=0)
-        from bts.eval.perplexity import token_nll
+        from bts.training.perplexity import token_nll
 
         assert token_nll(full, ids).shape == (5, 8)
     assert len(router.route_positions(ids)[:, :4].unique()) > 1  # the test exercises more than one model

@@ -1,5 +1,5 @@
 """results/<profile>/figures/: per-domain perplexity and the claims' forest plot drawn from metrics.json alone,
-smoothed loss curves of every trained stage, the README showing them, and `python -m bts.figures`."""
+smoothed loss curves of every trained stage, the README showing them, and `python -m bts.pipeline.figures`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bts.figures import loss_figure, loss_groups, main, smooth, write_loss_figures
-from bts.figures_results import claims_figure, method_order, ppl_figure, write_metrics_figures
-from bts.io import BTSError
-from bts.report import CLAIMS_FIGURE, PPL_FIGURE, results_readme
+from bts.core.io import BTSError
+from bts.pipeline.figures import loss_figure, loss_groups, main, smooth, write_loss_figures
+from bts.pipeline.figures_results import claims_figure, method_order, ppl_figure, write_metrics_figures
+from bts.pipeline.report import CLAIMS_FIGURE, PPL_FIGURE, results_readme
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -189,6 +189,6 @@ def test_command_redraws_figures_and_readme_from_a_results_folder(tmp_path, caps
 
 
 def test_module_entry_point_gives_one_error_line():
-    r = subprocess.run([sys.executable, "-m", "bts.figures", "/nonexistent/results"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "bts.pipeline.figures", "/nonexistent/results"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[1], check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: no metrics.json")

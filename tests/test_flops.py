@@ -1,4 +1,4 @@
-"""bts.flops against torch.utils.flop_counter, which counts the matmuls a step actually runs (eager attention, so
+"""bts.training.flops against torch.utils.flop_counter, which counts the matmuls a step actually runs (eager attention, so
 that Q·K^T and A·V are counted as the bmm they are): a dense forward, a dense training step, a training step with a
 frozen head, and the BTS step (only the backward the stitch gradients need)."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bts import flops
-from bts.losses import linear_cross_entropy
-from bts.model import StitchConfig, StitchedLM
+from bts.stitch.model import StitchConfig, StitchedLM
+from bts.training import flops
+from bts.training.losses import linear_cross_entropy
 from conftest import perturbed_copy, tiny_llama
 
 B, T = 2, 16
@@ -46,7 +46,7 @@ def test_dense_forward_and_training_step_match_the_flop_counter():
 
 
 def test_frozen_head_drops_its_weight_gradient():
-    from bts.lm import CausalLMModule
+    from bts.dense.module import CausalLMModule
 
     module = CausalLMModule.__new__(CausalLMModule)  # flops_per_token needs only .model
     torch.nn.Module.__init__(module)

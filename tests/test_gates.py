@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import bts.data
-from bts.gates import (
+from bts.core.io import BTSError
+from bts.stitch.checkpoint import save_stitched
+from bts.stitch.gates import (
     GATE_SWITCH_TYPES,
     analyze,
     domain_prompts,
@@ -25,9 +27,7 @@ from bts.gates import (
     switch_figure,
     switch_prompts,
 )
-from bts.io import BTSError
-from bts.model import StitchConfig, StitchedLM
-from bts.stitch_checkpoint import save_stitched
+from bts.stitch.model import StitchConfig, StitchedLM
 from conftest import perturbed_copy, tiny_llama
 
 NAMES = ["code", "math", "multilingual"]
@@ -160,7 +160,7 @@ def test_domain_prompts_seeded_filled_and_disjoint():
 def test_switch_prompts_are_the_scored_switch_blocks():
     """A context-switching prompt is a block of the domain-switching evaluation (same function, seed and length),
     switching at the middle: a run of A documents (each + EOS), then B documents from a document start."""
-    from bts.eval.tasks.switching import switch_blocks_of
+    from bts.data.switching import switch_blocks_of
 
     recs, tok = _records(), CharTokenizer()
     sw = switch_prompts(recs, tok, n_switch=5, seed=0, max_tokens=40)
@@ -337,7 +337,7 @@ def test_command_errors_cleanly_on_missing_checkpoint(tmp_path, capsys):
 
 
 def test_command_end_to_end_on_saved_checkpoint(tmp_path, monkeypatch, capsys):
-    from bts.cli import main as bts_main
+    from bts.cli.main import main as bts_main
     from bts.data.tokenizer import build_tokenizer
 
     texts = [r["text"] for rs in _records(40).values() for r in rs] + ["Hello world, this is text."] * 20

@@ -164,9 +164,9 @@ def test_wraps_any_language_model(setup):
     from lm_eval.api.instance import Instance
     from transformers import AutoTokenizer
 
+    from bts.core.language_model import HFLanguageModel
+    from bts.dense.modeling import load_causal_lm
     from bts.eval.harness import BTSHarnessLM
-    from bts.eval.interface import HFLanguageModel
-    from bts.modeling import load_causal_lm
 
     _, model_dir, _ = setup
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -1,4 +1,4 @@
-"""bts.hf_compat: the transformers 5.x differences, read from signatures. Fake layers and mask functions stand for
+"""bts.core.hf_compat: the transformers 5.x differences, read from signatures. Fake layers and mask functions stand for
 the releases not installed here; the masks are checked against what the installed transformers builds itself."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bts import hf_compat
-from bts.io import BTSError
+from bts.core import hf_compat
+from bts.core.io import BTSError
 from conftest import tiny_llama
 
 

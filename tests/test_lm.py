@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bts.io import state_dict_sha256
-from bts.lm import CausalLMModule
-from bts.modeling import LlamaArch, load_causal_lm
+from bts.core.io import state_dict_sha256
+from bts.dense.modeling import LlamaArch, load_causal_lm
+from bts.dense.module import CausalLMModule
 
 ARCH = LlamaArch(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4

@@ -1,4 +1,4 @@
-"""The chunked LM-head cross-entropy (bts.losses) against F.cross_entropy of the materialised logits: value and
+"""The chunked LM-head cross-entropy (bts.training.losses) against F.cross_entropy of the materialised logits: value and
 gradients, every chunking, a frozen head, a tied head inside a training module, bf16 autocast; bad input."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bts.losses import linear_cross_entropy
+from bts.training.losses import linear_cross_entropy
 from conftest import tiny_llama
 
 N, D, V = 37, 16, 53
@@ -61,7 +61,8 @@ def test_upstream_scale_is_applied():
 def test_training_module_with_a_tied_head_matches_the_logits_loss():
     """CausalLMModule.lm_loss goes through hidden_and_head; with tied embeddings the head's gradient reaches the
     embedding through both uses, exactly as with the logits."""
-    from bts.lm import CausalLMModule, LMTrainingModule
+    from bts.dense.module import CausalLMModule
+    from bts.training.module import LMTrainingModule
 
     module = CausalLMModule.__new__(CausalLMModule)
     LMTrainingModule.__init__(module)

@@ -19,8 +19,8 @@ from baselines.merge import (
 )
 from baselines.merge_command import main as merge_main
 from baselines.task_arithmetic import TaskArithmetic, elect_sign_mask, trim_magnitude
-from bts.io import BTSError, state_dict_sha256
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError, state_dict_sha256
+from bts.core.params import ParamCounts, count_params
 from conftest import tiny_llama
 
 

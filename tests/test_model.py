@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from bts.eval.interface import LanguageModel, greedy_or_sample_uncached
-from bts.io import BTSError
-from bts.model import StitchConfig, StitchedLM, stitch_placement
+from bts.core.io import BTSError
+from bts.core.language_model import LanguageModel, greedy_or_sample_uncached
+from bts.stitch.model import StitchConfig, StitchedLM, stitch_placement
 from conftest import perturbed_copy, tiny_llama, tiny_qwen2
 
 

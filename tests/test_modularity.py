@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from bts.io import BTSError
-from bts.model import StitchConfig, StitchedLM
-from bts.modularity import add_expert, main, new_slice_masks, remove_expert
-from bts.stitch_checkpoint import MANIFEST, load_stitched, save_stitched
+from bts.core.io import BTSError
+from bts.stitch.checkpoint import MANIFEST, load_stitched, save_stitched
+from bts.stitch.model import StitchConfig, StitchedLM
+from bts.stitch.modularity import add_expert, main, new_slice_masks, remove_expert
 from conftest import perturbed_copy, tiny_llama
 
 NAMES = ["code", "math", "multilingual"]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bts import pinned
-from bts.io import BTSError
+from bts.core.io import BTSError
+from bts.dense import pinned
+from bts.pipeline.export import first_steps_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "tiny_seed"
@@ -54,8 +55,8 @@ def test_regeneration_is_deterministic_for_its_first_steps(tmp_path):
     optimiser) must reproduce the fingerprint pinned beside the weights, and two runs must agree exactly."""
     pinned_fp = json.loads((CKPT / pinned.FIRST_STEPS).read_text())
     config = ROOT / pinned_fp["config"]
-    a = pinned.first_steps_fingerprint(config, CKPT, tmp_path / "a", steps=pinned_fp["steps"])
-    b = pinned.first_steps_fingerprint(config, CKPT, tmp_path / "b", steps=pinned_fp["steps"])
+    a = first_steps_fingerprint(config, CKPT, tmp_path / "a", steps=pinned_fp["steps"])
+    b = first_steps_fingerprint(config, CKPT, tmp_path / "b", steps=pinned_fp["steps"])
     assert a == b
     assert a["tensors"].keys() == pinned_fp["tensors"].keys()
     for name, (s, n) in pinned_fp["tensors"].items():

@@ -1,4 +1,4 @@
-"""Progress lines where no bar shows progress (bts.progress), and the parallel pipeline's heartbeat source."""
+"""Progress lines where no bar shows progress (bts.training.progress), and the parallel pipeline's heartbeat source."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bts.lm import CausalLMModule
-from bts.modeling import LlamaArch
-from bts.progress import ProgressLog, _duration
-from bts.reproduce import _last_progress
+from bts.dense.modeling import LlamaArch
+from bts.dense.module import CausalLMModule
+from bts.pipeline.reproduce import _last_progress
+from bts.training.progress import ProgressLog, _duration
 
 
 def _fit(progress_bar: bool, steps: int = 4) -> str:

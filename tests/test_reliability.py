@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_fit as tf
-from bts.cli import main as bts_main
-from bts.io import BTSError, atomic_dir, atomic_path, atomic_write_json
+from bts.cli.main import main as bts_main
+from bts.core.io import BTSError, atomic_dir, atomic_path, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,15 +48,15 @@ def _stitch_model(env, out: Path, **kw) -> dict:
             "expert_names": ["code", "math"], "stitch": {"num_stitch_layers": 2, "gate_dropout": 0.1},
             "lr": 5e-3, "warmup_steps": 2, "output_dir": str(out)}
     init.update(kw)
-    return {"class_path": "bts.stitch_module.StitchModule", "init_args": init}
+    return {"class_path": "bts.stitch.module.StitchModule", "init_args": init}
 
 
 # ---------------------------------------------------------------------------------------------------- integrity
 def test_expert_changed_by_one_ulp_is_refused_and_override_recorded(tmp_path, fit_env, monkeypatch):
+    from bts.dense.modeling import load_causal_lm
     from bts.eval.loading import changed_models_entry, load_for_eval
-    from bts.model import StitchedLM
-    from bts.modeling import load_causal_lm
-    from bts.stitch_checkpoint import MANIFEST, load_stitched, save_stitched
+    from bts.stitch.checkpoint import MANIFEST, load_stitched, save_stitched
+    from bts.stitch.model import StitchedLM
 
     code_dir, math_dir = tmp_path / "code", tmp_path / "math"
     load_causal_lm(fit_env["code"]).save_pretrained(code_dir)
@@ -94,7 +94,7 @@ def test_expert_changed_by_one_ulp_is_refused_and_override_recorded(tmp_path, fi
     assert manifest["allow_changed_models"] is True and manifest["trained_with_changed_models"] == ["math"]
     # the reproduction refuses too, and with --allow-changed-models its metrics entry carries the flag
     from bts.eval import suite
-    from bts.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
 
     monkeypatch.setattr(suite, "evaluate", lambda *a, **k: {"ppl": {}, "tasks": {}, "avg": 0.0})
     profile = Profile(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=[])
@@ -128,7 +128,7 @@ class PauseAt(L.Callback):
 
 
 def _bts_fit(args: list[str], env: dict, **kw):
-    return subprocess.Popen([sys.executable, "-m", "bts.cli", "fit", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bts.cli.main", "fit", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -193,8 +193,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, fit_env):
 def test_reproduce_run_fit_resumes_from_last_checkpoint(tmp_path, monkeypatch):
     """Pipeline.run_fit: an interrupted stage (record 'started', same hash) resumes from last.ckpt with
     weights_only=True; an unreadable last.ckpt or a changed config restarts the stage from scratch."""
-    import bts.cli
-    from bts.reproduce import Pipeline, Profile, StageSpec
+    import bts.cli.main
+    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
 
     ckpt_dir, out_dir = tmp_path / "runs" / "ckpt" / "s", tmp_path / "runs" / "s"
     cfg = tmp_path / "s.yaml"
@@ -202,7 +202,7 @@ def test_reproduce_run_fit_resumes_from_last_checkpoint(tmp_path, monkeypatch):
     def write_cfg(lr):
         cfg.write_text(f"""
 model:
-  class_path: bts.lm.CausalLMModule
+  class_path: bts.dense.module.CausalLMModule
   init_args: {{output_dir: {out_dir}, lr: {lr}}}
 trainer:
   callbacks:
@@ -227,10 +227,10 @@ trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
 
     crash = {"value": True}
-    monkeypatch.setattr(bts.cli, "run_lightning",
+    monkeypatch.setattr(bts.cli.main, "run_lightning",
                         lambda args, run=True: type("CLI", (), {"trainer": FakeTrainer(crash["value"]), "model": None,
                                                                 "datamodule": None})())
-    monkeypatch.setattr(bts.cli, "mark_resuming", lambda trainer, label="resumed": resumed_marks.append(label))
+    monkeypatch.setattr(bts.cli.main, "mark_resuming", lambda trainer, label="resumed": resumed_marks.append(label))
     profile = Profile(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=[])
     stage = StageSpec(name="s", kind="fit", config=str(cfg))
 
@@ -365,7 +365,7 @@ def test_token_cache_corruption_is_detected_and_rebuilt(tmp_path, fit_env, caplo
 
 
 def test_results_and_checkpoints_are_written_atomically():
-    """Every artifact writer goes through bts.io's temp+rename helpers (a grep over the sources)."""
+    """Every artifact writer goes through bts.core.io's temp+rename helpers (a grep over the sources)."""
     import re
 
     offenders = []
@@ -379,8 +379,8 @@ def test_results_and_checkpoints_are_written_atomically():
 
 # ----------------------------------------------------------------------------------------- numerical faults
 def _dense_module(**kw):
-    from bts.lm import CausalLMModule
-    from bts.modeling import LlamaArch
+    from bts.dense.modeling import LlamaArch
+    from bts.dense.module import CausalLMModule
 
     arch = LlamaArch(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     return CausalLMModule(arch=arch, lr=1e-2, warmup_steps=1, **kw)
@@ -425,7 +425,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_last_good_checkpoint(tmp_pa
 
 
 def test_stitch_gates_are_checked_finite(saved_llama_family):
-    from bts.model import StitchedLM
+    from bts.stitch.model import StitchedLM
 
     seed_dir, dirs = saved_llama_family
     model = StitchedLM.from_pretrained_dirs(seed_dir, dirs[:2], num_stitch_layers=2).eval()
@@ -456,7 +456,7 @@ class _Evil:
 
 
 def test_pickle_bearing_checkpoint_is_refused(tmp_path, fit_env, capsys):
-    from bts.io import check_lightning_checkpoint
+    from bts.core.io import check_lightning_checkpoint
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
@@ -478,7 +478,7 @@ def test_no_remote_code_and_safetensors_only():
     assert not re.search(r"trust_remote_code\s*=\s*True", src)
     assert not re.search(r"weights_only\s*=\s*False", src)
     assert not re.search(r"safe_serialization\s*=\s*False", src)
-    assert "use_safetensors=True" in (REPO / "src" / "bts" / "modeling.py").read_text()
+    assert "use_safetensors=True" in (REPO / "src" / "bts" / "dense" / "modeling.py").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
@@ -492,7 +492,7 @@ def _profile(tmp_path, name="p") -> Path:
 def test_second_reproduce_on_the_same_run_dir_fails_at_once(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", ("import sys, time\nfrom bts.io import exclusive_lock\n"
+        [sys.executable, "-c", ("import sys, time\nfrom bts.core.io import exclusive_lock\n"
                                 f"with exclusive_lock({str(tmp_path / 'runs' / '.lock')!r}, 'x'):\n"
                                 "    print('locked', flush=True)\n    time.sleep(120)\n")],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})

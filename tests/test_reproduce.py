@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bts.io import BTSError, exclusive_lock
-from bts.reproduce import aggregate_seeds, load_profile, main
+from bts.core.io import BTSError, exclusive_lock
+from bts.pipeline.reproduce import aggregate_seeds, load_profile, main
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["seed", "expert_code", "expert_math", "expert_multilingual", "soup", "task_arithmetic", "ties", "btm",
@@ -67,7 +67,7 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     assert sorted(metrics["ablations"]) == sorted(ABLATIONS)
     for name, e in {**metrics["methods"], **metrics["ablations"]}.items():
         _check_entry(name, e, metrics["no_signal_tasks"])
-    # the regime, chance levels, claims with verdicts and CIs, and the environment (DESIGN.md §7, issue 15)
+    # the regime, chance levels, claims with verdicts and CIs, and the environment (docs/design.md §7, issue 15)
     regime = metrics["regime"]
     assert regime["seed_tokens_per_param"] >= 20 and regime["expert_lr"] and regime["seed_peak_lr"]
     assert set(regime["experts"]) == {"code", "math", "multilingual"}
@@ -130,7 +130,7 @@ def test_seed_aggregation_mean_and_std():
 
 
 def test_parallel_stage_failure_names_the_stage_and_stops_dependants(tmp_path):
-    from bts.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
 
     stages = [StageSpec(name="bad", kind="command", args=["merge", "--config", str(tmp_path / "missing.yaml")]),
               StageSpec(name="after_bad", kind="command", args=["merge", "--config", "x.yaml"], after=["bad"])]
@@ -154,7 +154,7 @@ def test_stage_workers_die_with_the_pipeline_process():
     script = (
         "import multiprocessing as mp, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from bts.reproduce import _die_with_parent\n"
+        "from bts.pipeline.reproduce import _die_with_parent\n"
         "if __name__ == '__main__':\n"
         "    pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_die_with_parent)\n"
         "    pool.submit(time.sleep, 120)\n"
@@ -181,7 +181,7 @@ def test_stage_workers_die_with_the_pipeline_process():
                                     "configs/baselines/btx_top2.yaml", "configs/bts/tiny.yaml"])
 def test_each_seed_varies_init_and_data_order(tmp_path, config):
     # seed_everything alone leaves the configs' own seeds (weight/router init, data order) fixed
-    from bts.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
 
     profile = Profile(profile="p", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "r"), stages=[])
     stage = StageSpec(name="x", kind="fit", config=str(ROOT / config))

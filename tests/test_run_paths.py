@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 import tiny_fit as tf
-from bts.cli import COMMAND_HELP
-from bts.cli import main as bts_main
-from bts.run_dir import apply_run_dir
+from bts.cli.main import COMMAND_HELP
+from bts.cli.main import main as bts_main
+from bts.cli.run_dir import apply_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,11 @@ def test_help_describes_every_command_in_one_line(capsys):
 
 @pytest.mark.parametrize("key, expect", [
     ("--trainer.max_stepz", "unrecognized arguments: --trainer.max_stepz 3"),
-    ("--model.init_args.bogus", "Problem with given class_path 'bts.stitch_module.StitchModule': Option 'bogus'"),
-    ("--model.init_args.stitch.bogus", "Problem with given class_path 'bts.model.StitchConfig': Option 'bogus'"),
+    ("--model.init_args.bogus", "Problem with given class_path 'bts.stitch.module.StitchModule': Option 'bogus'"),
+    ("--model.init_args.stitch.bogus", "Problem with given class_path 'bts.stitch.model.StitchConfig': Option 'bogus'"),
 ])
 def test_key_errors_are_found_before_lightning_or_torch_is_imported(key, expect):
-    code = ("import sys; from bts.cli import main; rc = main(['fit', '--config', 'configs/bts/tiny.yaml', "
+    code = ("import sys; from bts.cli.main import main; rc = main(['fit', '--config', 'configs/bts/tiny.yaml', "
             f"'{key}', '3']); print(rc, 'lightning' in sys.modules, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.stdout.split() == ["2", "False", "False"], done.stderr[-2000:]
@@ -99,8 +99,8 @@ def test_tiny_bts_config_over_ones_own_models_needs_only_their_paths(family, tmp
 
 
 def test_expert_names_count_mismatch_names_the_key(family, tmp_path, capsys):
-    from bts.io import BTSError
-    from bts.model import StitchedLM
+    from bts.core.io import BTSError
+    from bts.stitch.model import StitchedLM
 
     _, _, dirs = family
     with pytest.raises(BTSError, match=r"^expert_names has 3 names \(a, b, c\) but experts has 2 directories"):
@@ -109,7 +109,7 @@ def test_expert_names_count_mismatch_names_the_key(family, tmp_path, capsys):
 
 
 def _expert_config(tmp_path, root, sources, dirs, output_dir) -> Path:
-    model = {"class_path": "bts.lm.CausalLMModule",
+    model = {"class_path": "bts.dense.module.CausalLMModule",
              "init_args": {"init_from": str(dirs["base"]), "output_dir": str(output_dir)}}
     data = tf.data_config(tmp_path, root / "tok", sources)
     trainer = tf.trainer_config(tmp_path, limit_val_batches=2)

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from bts.io import tensor_sha256
-from bts.model import StitchConfig, StitchedLM
-from bts.modeling import LlamaArch, build_llama
-from bts.params import count_params
-from bts.stitch import StitchLayer
-from bts.stitch_module import StitchModule
+from bts.core.io import tensor_sha256
+from bts.core.params import count_params
+from bts.dense.modeling import LlamaArch, build_llama
+from bts.stitch.layer import StitchLayer
+from bts.stitch.model import StitchConfig, StitchedLM
+from bts.stitch.module import StitchModule
 from conftest import perturbed_copy, tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_paper_2p7b_parameter_counts_on_meta():
 def test_qwen2p5_family_config_trains_on_tiny_qwen2(tmp_path):
     cfg = _cfg(SCALE / "qwen2p5_1p5b.yaml")
     args = dict(cfg["model"]["init_args"])
-    assert cfg["model"]["class_path"] == "bts.stitch_module.StitchModule"
+    assert cfg["model"]["class_path"] == "bts.stitch.module.StitchModule"
     names = args["expert_names"]
     # the real family: 28 layers of d 1536 -> K=4 after 7/14/21/28; 4·(2·2+1)·1536² stitch parameters
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -120,7 +120,7 @@ def test_gpu_configs_parse_and_strategy_constructs(path, capsys):
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
 
-    from bts.cli import run_lightning
+    from bts.cli.lightning import run_lightning
 
     # the whole config goes through the `bts fit` parser (every key known, every class importable)
     with pytest.raises(SystemExit) as e:
@@ -145,7 +145,7 @@ def test_gpu_configs_parse_and_strategy_constructs(path, capsys):
     assert strategy.kwargs["use_orig_params"] is True  # frozen + trainable parameters in one module
     wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
     assert any(c.__name__ == "LlamaDecoderLayer" for c in wrapped)
-    if _cfg(path)["model"]["class_path"] == "bts.stitch_module.StitchModule":
+    if _cfg(path)["model"]["class_path"] == "bts.stitch.module.StitchModule":
         assert StitchLayer in wrapped  # the only trainable FSDP units
 
 

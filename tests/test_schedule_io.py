@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bts.io import (
+from bts.core.io import (
     BTSError,
     atomic_path,
     atomic_write_json,
@@ -14,7 +14,7 @@ from bts.io import (
     state_dict_sha256,
     tensor_sha256,
 )
-from bts.schedule import warmup_cosine
+from bts.training.schedule import warmup_cosine
 
 
 def test_warmup_then_cosine_to_one_percent():

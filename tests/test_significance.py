@@ -1,4 +1,4 @@
-"""Bootstrap CIs, paired multi-seed claims with verdicts, no-signal tasks and the regime block (DESIGN.md §7)."""
+"""Bootstrap CIs, paired multi-seed claims with verdicts, no-signal tasks and the regime block (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from bts.claims import check_claims, claims_markdown, gate_cells
-from bts.stats import cell_ci, cell_value, multi_seed_cell_ci, paired_ci, verdict
-from bts.summary import add_cell_cis, no_signal, set_avg
+from bts.eval.stats import cell_ci, cell_value, multi_seed_cell_ci, paired_ci, verdict
+from bts.pipeline.claims import check_claims, claims_markdown, gate_cells
+from bts.pipeline.summary import add_cell_cis, no_signal, set_avg
 
 
 def _ppl_cell(rng, mean_nll, n=128, tokens=127):
@@ -133,7 +133,7 @@ def test_regime_reports_what_ran_not_what_the_config_file_says(tmp_path):
 
     import yaml
 
-    from bts.summary import regime
+    from bts.pipeline.summary import regime
 
     runs = tmp_path / "runs"
     (runs / "seed").mkdir(parents=True)

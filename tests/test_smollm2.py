@@ -13,9 +13,9 @@ import zipfile
 import pytest
 import torch
 
-from bts import gguf_import
-from bts.cli import main as bts_main
-from bts.io import BTSError
+from bts.cli.main import main as bts_main
+from bts.core.io import BTSError
+from bts.dense import gguf_import
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def smol_dir(smol_gguf):
 
 @pytest.fixture(scope="module")
 def smol(smol_dir):
-    from bts.modeling import load_causal_lm
+    from bts.dense.modeling import load_causal_lm
 
     return load_causal_lm(smol_dir).eval()
 
@@ -97,7 +97,7 @@ def test_import_is_idempotent_and_notices_a_changed_output(smol_dir, smol_gguf, 
 def test_stitched_over_smollm2_with_identical_experts_is_the_hub(smol):
     """Identity projections, non-zero gates, identical experts: the stitched output is the hub's, with and
     without KV caches, on the real 30-layer GQA model with tied embeddings."""
-    from bts.model import StitchConfig, StitchedLM
+    from bts.stitch.model import StitchConfig, StitchedLM
 
     hub = copy.deepcopy(smol)
     model = StitchedLM(hub, [copy.deepcopy(smol) for _ in range(2)], StitchConfig(num_stitch_layers=4)).eval()
@@ -120,8 +120,8 @@ def test_stitched_over_smollm2_with_identical_experts_is_the_hub(smol):
 
 
 def test_datamodule_and_suite_with_the_49k_tokenizer(smol_dir, smol, smol_tok):
+    from bts.core.language_model import HFLanguageModel
     from bts.data import DomainMixDataModule
-    from bts.eval.interface import HFLanguageModel
     from bts.eval.suite import EvalConfig, evaluate
 
     dm = DomainMixDataModule(tokenizer_dir=str(smol_dir), mixture="bts", seq_len=32, batch_size=2,
@@ -202,7 +202,7 @@ def test_no_network_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_smol_profiles(monkeypatch):
-    from bts import reproduce
+    from bts.pipeline import reproduce
 
     smol, smoke = reproduce.load_profile("smol"), reproduce.load_profile("smol_smoke")
     assert [s.name for s in smoke.stages] == [s.name for s in smol.stages] and smol.tokenizer_stage == "seed"

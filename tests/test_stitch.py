@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bts.io import BTSError
-from bts.stitch import StitchLayer, stitch_param_count
+from bts.core.io import BTSError
+from bts.stitch.layer import StitchLayer, stitch_param_count
 
 B, T, D = 2, 5, 8
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bts.io import BTSError, state_dict_sha256
-from bts.model import StitchConfig, StitchedLM
-from bts.modeling import load_causal_lm
-from bts.stitch_checkpoint import MANIFEST, WEIGHTS, load_stitched, save_stitched
+from bts.core.io import BTSError, state_dict_sha256
+from bts.dense.modeling import load_causal_lm
+from bts.stitch.checkpoint import MANIFEST, WEIGHTS, load_stitched, save_stitched
+from bts.stitch.model import StitchConfig, StitchedLM
 
 
 def _trained(seed_dir, dirs, **cfg) -> StitchedLM:

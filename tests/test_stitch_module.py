@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bts.io import BTSError, tensor_sha256
-from bts.model import StitchConfig, StitchedLM
-from bts.stitch_checkpoint import MANIFEST, load_stitched, save_stitched
-from bts.stitch_module import StitchModule
+from bts.core.io import BTSError, tensor_sha256
+from bts.stitch.checkpoint import MANIFEST, load_stitched, save_stitched
+from bts.stitch.model import StitchConfig, StitchedLM
+from bts.stitch.module import StitchModule
 
 
 def _loader(n: int = 8, t: int = 12) -> DataLoader:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from bts.model import StitchConfig, StitchedLM
+from bts.stitch.model import StitchConfig, StitchedLM
 from conftest import perturbed_copy, tiny_llama
 
 LAYERS, N_EXPERTS, VOCAB = 6, 2, 97
@@ -59,7 +59,7 @@ def _h2e(hs: list[torch.Tensor], gate_w: torch.Tensor, proj: torch.Tensor) -> li
 
 def _mask_kwargs(config, h: torch.Tensor, pos: torch.Tensor) -> dict:
     """No cache, no padding, under whichever names this 5.x release's ``create_causal_mask`` takes (written out here
-    rather than through bts.hf_compat, which is what the reference checks)."""
+    rather than through bts.core.hf_compat, which is what the reference checks)."""
     every = {"config": config, "input_embeds": h, "inputs_embeds": h, "attention_mask": None,
              "cache_position": pos[0], "past_key_values": None, "cache": None, "position_ids": pos}
     return {k: v for k, v in every.items() if k in inspect.signature(create_causal_mask).parameters}

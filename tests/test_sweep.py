@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bts.io import BTSError
-from bts.sweep import load_sweep, point_config, point_name
+from bts.core.io import BTSError
+from bts.pipeline.sweep_config import load_sweep, point_config, point_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_bad_sweep_keys(tmp_path):
 
 
 def test_ablations_md_lists_sweep_tables_written_after_the_reproduction(tmp_path):
-    from bts.report import write_ablations
+    from bts.pipeline.report import write_ablations
 
     entry = {"family": "merging", "ppl": {"general": 2.0, "code": 3.0, "math": 4.0, "multilingual": 5.0},
              "tasks": {}, "avg": None, "params": {"trained": 1, "total": 2, "active": 2}}
@@ -69,8 +69,8 @@ def test_profile_sweep_points_are_valid_and_distinct(sweep):
     gets its own name (its own run directory)."""
     import itertools
 
-    from bts.regime_sweep import _parse_key
-    from bts.reproduce import load_profile
+    from bts.pipeline.regime_sweep import _parse_key
+    from bts.pipeline.reproduce import load_profile
 
     spec = load_sweep(sweep)
     stages = {s.name for s in load_profile(str(ROOT / "configs/reproduce/tiny.yaml")).stages}
@@ -85,7 +85,7 @@ def test_profile_sweep_points_are_valid_and_distinct(sweep):
 
 
 def test_regime_table_rows():
-    from bts.regime_sweep import regime_row, regime_table
+    from bts.pipeline.regime_sweep import regime_row, regime_table
 
     ppl = {"general": 10.0, "code": 10.0, "math": 10.0, "multilingual": 10.0}
     methods = {"seed": {"ppl": ppl}, "bts": {"ppl": {**ppl, "code": 8.8}}, "btm": {"ppl": {**ppl, "code": 8.0}},

@@ -20,12 +20,12 @@ from baselines.btx import BTXModel, build_btx, export_mixtral, load_btx
 from baselines.merge import get_merge_method, load_merged, merge_models
 from baselines.merge_command import main as merge_main
 from baselines.upcycle import MixtralLM
-from bts.io import BTSError
-from bts.lm import CausalLMModule
-from bts.model import StitchedLM
-from bts.modeling import LlamaArch, load_causal_lm
-from bts.stitch_checkpoint import WEIGHTS, load_stitched, save_stitched
-from bts.stitch_module import StitchModule
+from bts.core.io import BTSError
+from bts.dense.modeling import LlamaArch, load_causal_lm
+from bts.dense.module import CausalLMModule
+from bts.stitch.checkpoint import WEIGHTS, load_stitched, save_stitched
+from bts.stitch.model import StitchedLM
+from bts.stitch.module import StitchModule
 from conftest import fit_random_batches, perturbed_copy
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -7,8 +7,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bts.lm import CausalLMModule
-from bts.stitch_module import StitchModule
+from bts.dense.module import CausalLMModule
+from bts.stitch.module import StitchModule
 from conftest import perturbed_copy, tiny_llama
 
 

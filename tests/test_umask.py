@@ -11,7 +11,7 @@ import stat
 import pytest
 
 import tiny_fit as tf
-from bts.cli import main as bts_main
+from bts.cli.main import main as bts_main
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _mode(p) -> int:
 def test_trained_model_and_eval_json_follow_the_umask(inputs, tmp_path, umask, mask, capsys):
     root, sources, tok = inputs
     umask(mask)
-    model = {"class_path": "bts.lm.CausalLMModule",
+    model = {"class_path": "bts.dense.module.CausalLMModule",
              "init_args": {"arch": {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
                                     "num_hidden_layers": 1}, "output_dir": str(tmp_path / "seed")}}
     cfg = tf.write_config(tmp_path / "c.yaml", model, tf.data_config(tmp_path, root / "tok", sources),

@@ -1,4 +1,4 @@
-"""Baselines of the BTS paper (DESIGN.md §2), built on top of the core ``bts`` package.
+"""Baselines of the BTS paper (docs/design.md §2), built on top of the core ``bts`` package.
 
 Expert merging (no training): model soup (:mod:`baselines.soup`), task arithmetic and TIES
 (:mod:`baselines.task_arithmetic`, :mod:`baselines.ties`), and the BTM ensemble (:mod:`baselines.btm`).
@@ -18,7 +18,7 @@ def load_merge_output(path: str | Path):
 
     Returns a ``LanguageModel`` with ``param_counts()``.
     """
-    from bts.io import BTSError
+    from bts.core.io import BTSError
 
     path = Path(path)
     if (path / "btm.json").is_file():

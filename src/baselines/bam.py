@@ -1,5 +1,5 @@
 """BAM — Branch-Attend-Mix (Zhang et al. 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for
-Mixture of Experts", arXiv 2408.08274), an expert-upcycling baseline of the BTS paper (§3.3, DESIGN.md §2).
+Mixture of Experts", arXiv 2408.08274), an expert-upcycling baseline of the BTS paper (§3.3, docs/design.md §2).
 
 BAM is BTX-soft plus attention experts. Construction (``build_bam``):
 
@@ -35,10 +35,11 @@ from baselines.moe import (
     router_weight,
 )
 from baselines.upcycle import BAMModel, build_btx, load_btx
-from bts import flops
-from bts.lm import LMTrainingModule, hf_hidden_and_head
-from bts.modeling import decoder_parts
-from bts.params import ParamCounts
+from bts.core.params import ParamCounts
+from bts.dense.modeling import decoder_parts
+from bts.dense.module import hf_hidden_and_head
+from bts.training import flops
+from bts.training.module import LMTrainingModule
 
 __all__ = ["BAMModel", "BAMModule", "build_bam", "load_bam"]
 
@@ -110,7 +111,7 @@ class BAMModule(LMTrainingModule):
         Args:
             seed_model: Hugging Face directory of the seed model (FFN and attention expert 0).
             experts: Hugging Face directories of the experts branched from the seed (experts 1..n).
-            ffn_variant: FFN routing as in BTX; ``soft`` (DESIGN.md: BTX-soft) by default.
+            ffn_variant: FFN routing as in BTX; ``soft`` (docs/design.md: BTX-soft) by default.
             router_init_std: std of the normal init of the new FFN and attention routers (0 = zero routers).
             router_seed: seed of the router initialisation.
             load_balance_coef: Switch load-balancing coefficient (only used when ``ffn_variant`` is ``top2``).

@@ -1,6 +1,6 @@
 """BAM with adapters — the frozen-model variant of BAM (Zhang et al. 2024, "BAM! Just Like That: Simple and
 Efficient Parameter Upcycling for Mixture of Experts", arXiv 2408.08274) used as a merging baseline by the BTS
-paper (§3.3, DESIGN.md §2). The seed and experts stay frozen (bit-identical); only routers and adapters train.
+paper (§3.3, docs/design.md §2). The seed and experts stay frozen (bit-identical); only routers and adapters train.
 
 Forward (``M = n + 1`` models, seed = model 0; one shared residual stream ``h``):
 
@@ -45,12 +45,12 @@ from baselines.moe import (
     read_json,
     router_weight,
 )
-from bts import flops
-from bts.hf_compat import causal_masks
-from bts.io import BTSError, atomic_write_json
-from bts.lm import LMTrainingModule
-from bts.modeling import decoder_parts, freeze
-from bts.params import ParamCounts, count_params
+from bts.core.hf_compat import causal_masks
+from bts.core.io import BTSError, atomic_write_json
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import decoder_parts, freeze
+from bts.training import flops
+from bts.training.module import LMTrainingModule
 
 
 def identity_adapter(d: int, dtype: torch.dtype, device) -> nn.Linear:

@@ -2,7 +2,7 @@
 
 Li et al., "Branch-Train-Merge: Embarrassingly Parallel Training of Expert Language Models",
 arXiv 2208.03306 (2022), §3 (ensembling with a domain posterior). Here the ensemble members are the seed and
-the experts (DESIGN.md §2); nothing trains.
+the experts (docs/design.md §2); nothing trains.
 
 Definition (1-indexed tokens ``x_1..x_T``; output position ``t`` scores the next token ``x_{t+1}``)::
 
@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from baselines.merge import check_model_dirs, check_output_dir
-from bts import hf_compat
-from bts.eval.interface import sample_next
-from bts.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
-from bts.modeling import freeze, load_causal_lm
-from bts.params import ParamCounts, count_params
+from bts.core import hf_compat
+from bts.core.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
+from bts.core.language_model import sample_next
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import freeze, load_causal_lm
 
 
 def _cached_step(model: nn.Module, input_ids: Tensor, cache):
@@ -250,7 +250,7 @@ def write_btm_dir(
 
 def load_artifact(path: str | Path):
     """``bts.artifacts`` loader: ``(model, tokenizer, params_dict)`` for a BTM ensemble directory."""
-    from bts.eval.loading import load_tokenizer_from
+    from bts.data.tokenizer import load_tokenizer_from
 
     path = Path(path)
     model = BTMEnsemble.from_dir(path).eval()

@@ -1,5 +1,5 @@
 """BTX — Branch-Train-MiX (Sukhbaatar et al. 2024, "Branch-Train-MiX: Mixing Expert LLMs into a
-Mixture-of-Experts LLM", arXiv 2403.07816), the expert-upcycling baseline of the BTS paper (§3.3, DESIGN.md §2).
+Mixture-of-Experts LLM", arXiv 2403.07816), the expert-upcycling baseline of the BTS paper (§3.3, docs/design.md §2).
 
 Construction (``build_btx``): per transformer layer, the FFNs of the seed and of the ``n`` experts become the
 ``E = n + 1`` FFN experts of an MoE layer (expert 0 = the seed's FFN, expert ``i`` = expert ``i``'s); every other
@@ -19,7 +19,7 @@ Variants (``MoEFFN`` holds the exact routing math):
   gradient), argmax of the router logits at evaluation.
 
 The model is the seed's own Hugging Face class with each layer's ``mlp`` replaced by an ``MoEFFN`` wrapping the
-source FFN modules, so it works for every decoder of DESIGN.md §5 (Llama, Qwen2, Mistral). Export
+source FFN modules, so it works for every decoder of docs/design.md §5 (Llama, Qwen2, Mistral). Export
 (``export_mixtral``): for bias-free Llama/Mistral models the artifact is a Mixtral checkpoint that
 ``transformers`` loads as ``MixtralForCausalLM`` (``num_local_experts = E``; ``num_experts_per_tok`` = 2 for
 top2, ``E`` for soft, 1 for sample — Mixtral's top-1 renormalised weight is exactly 1, which is our evaluation
@@ -48,9 +48,10 @@ from baselines.upcycle import (
     load_btx,
     moe_skeleton,
 )
-from bts import flops
-from bts.lm import LMTrainingModule, hf_hidden_and_head
-from bts.params import ParamCounts
+from bts.core.params import ParamCounts
+from bts.dense.module import hf_hidden_and_head
+from bts.training import flops
+from bts.training.module import LMTrainingModule
 
 __all__ = [
     "MIXTRAL_EXPORTABLE_TYPES",

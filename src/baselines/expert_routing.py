@@ -1,5 +1,5 @@
 """Expert routing — routing each sequence to one frozen model from its prompt prefix, the routing baseline of the
-BTS paper (Zhang et al. 2025, arXiv 2502.00075, §3.3; DESIGN.md §2), in the spirit of domain routing over branched
+BTS paper (Zhang et al. 2025, arXiv 2502.00075, §3.3; docs/design.md §2), in the spirit of domain routing over branched
 experts (Li et al. 2022, "Branch-Train-Merge", arXiv 2208.03306, and Gururangan et al. 2023, "Scaling Expert
 Language Models with Unsupervised Domain Discovery", arXiv 2303.14177).
 
@@ -46,11 +46,11 @@ from baselines.moe import (
     read_json,
     router_weight,
 )
-from bts import flops
-from bts.io import BTSError, atomic_write_json
-from bts.lm import LMTrainingModule
-from bts.modeling import decoder_parts, freeze
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError, atomic_write_json
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import decoder_parts, freeze
+from bts.training import flops
+from bts.training.module import LMTrainingModule
 
 
 class ExpertRouter(BaselineLM):

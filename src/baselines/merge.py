@@ -1,7 +1,7 @@
 """Static expert merges: one interface, a registry keyed by config name, and the model-directory driver.
 
 A static merge maps the seed's parameters and the experts' parameters, tensor by tensor, to the parameters
-of ONE dense model of the same architecture (DESIGN.md §2). Methods implement :class:`MergeMethod`
+of ONE dense model of the same architecture (docs/design.md §2). Methods implement :class:`MergeMethod`
 (``merge_tensor`` on float32 tensors); :func:`merge_models` loads Hugging Face directories, checks that all
 models have identical parameter names and shapes, merges in float32 and writes a Hugging Face model
 directory atomically with a ``merge.json`` provenance record::
@@ -12,7 +12,7 @@ directory atomically with a ``merge.json`` provenance record::
      "output_state_dict_sha256": ..., "params": {"trained": 0, "total": N, "active": N},
      "lambda_selection": null | {"grid": [...], "val_loss": [...], "best_lambda": ..., "criterion": ...}}
 
-The sha256 values are :func:`bts.io.state_dict_sha256` of the state dicts as loaded in float32. ``params`` holds
+The sha256 values are :func:`bts.core.io.state_dict_sha256` of the state dicts as loaded in float32. ``params`` holds
 the parameter counts (the key that ``bts.eval.loading`` reads, as in ``training.json``); the merge's own
 settings are under ``hyperparameters``.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bts.eval.interface import HFLanguageModel
-from bts.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
-from bts.modeling import load_causal_lm
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
+from bts.core.language_model import HFLanguageModel
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import load_causal_lm
 
 StateDict = Mapping[str, Tensor]
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bts.io import BTSError, CommandParser
+from bts.core.io import BTSError, CommandParser
 
 OPTIONS = ("method", "seed", "experts", "out", "lambda", "density", "weights", "val_tokens", "batch_size", "device")
 DEFAULT_BATCH_SIZE = 8
@@ -216,7 +216,7 @@ def run(opts: dict[str, Any]) -> str:
     if grid is not None:
         if opts["val_tokens"] is None:
             raise BTSError("a lambda grid needs --val-tokens to choose from")
-        from bts.modeling import resolve_device
+        from bts.dense.modeling import resolve_device
 
         device = resolve_device(opts["device"] or "cpu")
         tokens = load_val_tokens(opts["val_tokens"])

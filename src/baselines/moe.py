@@ -1,8 +1,8 @@
-"""Shared pieces of the trainable baselines (DESIGN.md §2): loading a seed/expert family, parameter averaging,
+"""Shared pieces of the trainable baselines (docs/design.md §2): loading a seed/expert family, parameter averaging,
 the routed FFN / attention mixtures used by BTX and BAM, the Switch load-balancing loss, causal masks for
 hand-driven decoder loops, and the ``BaselineLM`` base class (LanguageModel interface + parameter counts).
 
-Everything here is architecture-generic over the Hugging Face decoders of DESIGN.md §5 (Llama, Qwen2, Mistral):
+Everything here is architecture-generic over the Hugging Face decoders of docs/design.md §5 (Llama, Qwen2, Mistral):
 the MoE blocks wrap the source models' own ``mlp`` / ``self_attn`` modules instead of re-implementing them, so a
 mixture of identical experts is the dense model (up to float rounding of weights that sum to one).
 """
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from bts.eval.interface import greedy_or_sample_uncached
-from bts.io import BTSError
-from bts.modeling import decoder_parts, load_causal_lm
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError
+from bts.core.language_model import greedy_or_sample_uncached
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import decoder_parts, load_causal_lm
 
 ROUTINGS = ("topk", "soft", "gumbel")
 
@@ -189,7 +189,7 @@ class AttentionMixture(nn.Module):
 # --- inference models ----------------------------------------------------------------------------------------------
 class BaselineLM(nn.Module):
     """Base of the baselines' inference models: ``forward(input_ids) -> logits [B, T, V]``, uncached ``generate``
-    (the ``LanguageModel`` interface of ``bts.eval.interface``) and ``param_counts`` (paper Table 2)."""
+    (the ``LanguageModel`` interface of ``bts.core.language_model``) and ``param_counts`` (paper Table 2)."""
 
     def param_counts(self) -> ParamCounts:
         n = count_params(self)

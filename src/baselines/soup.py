@@ -2,7 +2,7 @@
 
 Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy without
 increasing inference time", ICML 2022 (arXiv 2203.05482) — the uniform soup. Here the ingredients are the
-seed and the experts branched from it (DESIGN.md §2):
+seed and the experts branched from it (docs/design.md §2):
 
     θ = Σ_j w_j θ_j / Σ_j w_j,   j ∈ {seed, expert_1..expert_n},  w_j >= 0 (default: all 1 → uniform mean)
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from baselines.merge import MergeMethod, register
-from bts.io import BTSError
+from bts.core.io import BTSError
 
 
 @register("soup")

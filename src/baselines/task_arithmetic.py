@@ -2,7 +2,7 @@
 
 * Task arithmetic — Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089)::
 
-      θ = θ_seed + λ · Σ_i w_i τ_i,     τ_i = θ_i − θ_seed   (w_i = 1 by default: DESIGN.md §2)
+      θ = θ_seed + λ · Σ_i w_i τ_i,     τ_i = θ_i − θ_seed   (w_i = 1 by default: docs/design.md §2)
 
 * TIES — Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023
   (arXiv 2306.01708): trim each task vector, elect a sign per entry, take the disjoint mean, scale by λ.
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from baselines.merge import ScaledMerge, register
-from bts.io import BTSError
+from bts.core.io import BTSError
 
 
 def trim_magnitude(tau: Tensor, density: float) -> Tensor:

@@ -31,9 +31,9 @@ from baselines.moe import (
     router_weight,
     switch_load_balancing_loss,
 )
-from bts.io import BTSError, atomic_write_json
-from bts.modeling import decoder_parts, load_causal_lm
-from bts.params import ParamCounts, count_params
+from bts.core.io import BTSError, atomic_write_json
+from bts.core.params import ParamCounts, count_params
+from bts.dense.modeling import decoder_parts, load_causal_lm
 
 Variant = Literal["sample", "soft", "top2"]
 ROUTING_OF_VARIANT = {"sample": "gumbel", "soft": "soft", "top2": "topk"}

@@ -1,6 +1,7 @@
-"""Data layer of bts (DESIGN.md §3): the four-domain corpus, the BPE tokenizer, mixtures and the datamodule.
+"""Data layer of bts (docs/design.md §3): the four-domain corpus, the BPE tokenizer, mixtures and the datamodule.
 
-* :mod:`bts.data.corpus` — ``DOMAINS``, ``load_split``, ``ensure_built``, ``DomainSource`` (embedded offline
+* :mod:`bts.data.domains` — ``DOMAINS``, ``EXPERT_DOMAINS``, ``SPLITS``, ``default_cache_dir``;
+* :mod:`bts.data.corpus` — ``load_split``, ``ensure_built``, ``DomainSource`` (embedded offline
   corpus built on first use, or a Hugging Face ``datasets`` source);
 * :mod:`bts.data.tokenizer` — ``train_tokenizer``, ``load_tokenizer`` (byte-level BPE, pad/bos/eos = 0/1/2);
 * :mod:`bts.data.mixtures` — ``PRESETS``, ``resolve_mixture``;
@@ -13,10 +14,10 @@ subprocess) does not pay for torch/lightning/transformers imports.
 from __future__ import annotations
 
 _LAZY = {
-    "DOMAINS": ".corpus",
-    "SPLITS": ".corpus",
+    "DOMAINS": ".domains",
+    "SPLITS": ".domains",
     "DomainSource": ".corpus",
-    "default_cache_dir": ".corpus",
+    "default_cache_dir": ".domains",
     "ensure_built": ".corpus",
     "load_split": ".corpus",
     "manifest": ".corpus",

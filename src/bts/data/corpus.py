@@ -13,7 +13,7 @@ The same inputs give byte-identical JSONL files. A domain is rebuilt when its ma
 other build parameters / format version / interpreter or package versions, or when a file's sha256 no longer
 matches the manifest (logged as a warning). Files are written to a temporary folder that replaces the domain
 folder in one rename; concurrent builders (e.g. DDP ranks) are serialised with a file lock. Under an offline
-bundle (``$BTS_BUNDLE``, bts.offline) a domain the bundle holds is copied from it and kept although another
+bundle (``$BTS_BUNDLE``, bts.offline.node) a domain the bundle holds is copied from it and kept although another
 interpreter built it.
 
 Real corpora: pass a :class:`DomainSource` with ``kind="hf"`` (``load_split(..., source=...)`` or the
@@ -33,40 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bts import offline
-from bts.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir, sha256_file, share_tree
+from bts.core.io import BTSError, atomic_dir, atomic_write_json, ensure_writable_dir, sha256_file, share_tree
+from bts.offline import node as offline
 
+from .domains import DOMAINS, SPLITS, check_domain, check_split, default_cache_dir
 from .sources import FORMAT_VERSION, EmbeddedConfig, package_version, split_of
 
 log = logging.getLogger("bts.data")
-
-DOMAINS: tuple[str, ...] = ("general", "code", "math", "multilingual")
-EXPERT_DOMAINS: tuple[str, ...] = ("code", "math", "multilingual")  # the domains experts are branched on
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-_SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
-
-
-# ---------------------------------------------------------------------------------------------- validation
-def check_domain(domain: str) -> str:
-    if domain not in DOMAINS:
-        raise BTSError(f"unknown domain {domain!r}; known domains: {', '.join(DOMAINS)}")
-    return domain
-
-
-def check_split(split: str) -> str:
-    s = _SPLIT_ALIASES.get(split, split)
-    if s not in SPLITS:
-        raise BTSError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
-    return s
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` if given, else ``$BTS_CACHE_DIR``, else ``./.cache/bts`` (relative to the working dir)."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("BTS_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.cwd() / ".cache" / "bts"
-
 
 # ------------------------------------------------------------------------------------------ domain sources
 @dataclass
@@ -305,7 +278,7 @@ def ensure_built(cache_dir: str | os.PathLike | None = None, domains=DOMAINS, co
         todo = stale()  # re-check under the lock: another process may have built it meanwhile
         if not todo:
             return _checked(data_dir, domains)
-        if not force:  # an offline bundle's copy of a domain is used as is (bts.offline), not rebuilt here
+        if not force:  # an offline bundle's copy of a domain is used as is (bts.offline.node), not rebuilt here
             todo = {d: r for d, r in todo.items() if not offline.install_domain(data_dir / d, keys[d])}
         # code before general: the general build reuses the docstrings the code build collected
         order = ("code", "general", "multilingual", "math")

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bts.io import BTSError, atomic_path, atomic_write_text
+from bts.core.io import BTSError, atomic_path, atomic_write_text
 
-from .corpus import DOMAINS, DomainSource, check_domain, default_cache_dir, ensure_built, load_split
+from .corpus import DomainSource, ensure_built, load_split
+from .domains import DOMAINS, check_domain, default_cache_dir
 from .mixtures import resolve_mixture
 from .sources import EmbeddedConfig
 from .tokenizer import encode_batch, load_tokenizer, tokenizer_fingerprint

@@ -23,8 +23,8 @@ with the reference of the Python minor version that built it. It logs ONE warnin
     reference digests, but numbers will not match the committed results (made with Python 3.11.7; ...)
 
 Domains built with non-default parameters are not compared (there is no reference for them). After an intended
-change of a builder, regenerate this interpreter's entry from a fresh build: ``python -m bts.data.digests
---write`` (with each supported minor version's interpreter: the entries of the others are kept).
+change of a builder, regenerate this interpreter's entry from a fresh build: ``bts data
+--write-digests`` (with each supported minor version's interpreter: the entries of the others are kept).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .corpus import DOMAINS
+from .domains import DOMAINS
 
 log = logging.getLogger("bts.data")
 
@@ -113,7 +113,7 @@ def load_reference(path: str | os.PathLike | None = None, python: str | None = N
 
 
 def _data_dir(cache_dir: str | os.PathLike | None) -> Path:
-    from .corpus import default_cache_dir
+    from .domains import default_cache_dir
 
     return default_cache_dir(cache_dir) / "data"
 
@@ -189,7 +189,7 @@ def _causes(domain: str, man: dict, ref: dict) -> list[tuple[str, str | None]]:
         out.append((what, None))
     if key.get("builder_sha256") != rkey.get("builder_sha256"):
         what = ("the builder code changed (src/bts/data/sources; if intended, regenerate the reference with "
-                "python -m bts.data.digests --write)")
+                "bts data --write-digests)")
         out.append((what, None))
     if not out:
         what = ("same interpreter version, package versions, wheels and builder code as the reference: something else "
@@ -343,7 +343,7 @@ def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) ->
     mans = manifests(cache_dir, data_dir)
     missing = [d for d in DOMAINS if d not in mans]
     if missing:
-        from bts.io import BTSError
+        from bts.core.io import BTSError
 
         raise BTSError(f"domain(s) {', '.join(missing)} not built; run bts.data.ensure_built() first")
     default = EmbeddedConfig()
@@ -352,7 +352,7 @@ def make_reference(cache_dir: str | os.PathLike | None = None, data_dir=None) ->
         man = mans[d]
         key = man.get("key") or {}
         if key.get("params") != default.domain_params(d):
-            from bts.io import BTSError
+            from bts.core.io import BTSError
 
             raise BTSError(f"domain {d} was built with non-default parameters; rebuild it with the defaults")
         domains[d] = {
@@ -386,46 +386,7 @@ def with_entry(entry: dict, existing: dict | None) -> dict:
         "about": "sha256 of the embedded corpus splits as built by each Python minor version (by_python; the code "
                  "and general domains are the interpreter's standard library); results_python: the version the "
                  "committed results were made with (CI's). Checked by bts.data.digests at build/load time. "
-                 "Regenerate an entry with that version: python -m bts.data.digests --write",
+                 "Regenerate an entry with that version: bts data --write-digests",
         "results_python": (existing or {}).get("results_python") or minor,
         "by_python": {v: by[v] for v in sorted(by, key=lambda v: tuple(int(x) for x in v.split(".")))},
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m bts.data.digests",
-                                description="Compare the built embedded corpus with the reference digests, or "
-                                            "(--write) make the reference from it.")
-    p.add_argument("--cache-dir", help="data cache (default: $BTS_CACHE_DIR, else ./.cache/bts)")
-    p.add_argument("--write", action="store_true", help=f"write this Python minor version's entry of {REFERENCE_FILE} from the built "
-                                                        "corpus (the other versions' entries are kept)")
-    p.add_argument("--build", action="store_true", help="build the corpus first (default parameters)")
-    a = p.parse_args(argv)
-    from bts.io import BTSError, atomic_write_json
-
-    try:
-        if a.build or a.write:
-            from .corpus import ensure_built
-
-            ensure_built(a.cache_dir)
-        if a.write:
-            atomic_write_json(REFERENCE_FILE, with_entry(make_reference(a.cache_dir), load_references()))
-            _load_file.cache_clear()
-            print(f"wrote the Python {python_minor()} entry of {REFERENCE_FILE}")
-            return 0
-        result = compare_to_reference(a.cache_dir)
-    except BTSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result is None:
-        print("nothing to compare (no reference file, or no corpus built)")
-        return 0
-    line = warning_line(result)
-    print(line or f"data: {', '.join(result['checked'])} match the Python {result['reference_python']} reference digests")
-    return 1 if line else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

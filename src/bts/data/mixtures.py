@@ -12,9 +12,9 @@ import math
 from collections.abc import Mapping
 from numbers import Real
 
-from bts.io import BTSError
+from bts.core.io import BTSError
 
-from .corpus import DOMAINS
+from .domains import DOMAINS
 
 PRESETS: dict[str, dict[str, float]] = {
     # the generalist seed model m0

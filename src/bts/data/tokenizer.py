@@ -26,7 +26,7 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-from bts.io import BTSError, atomic_dir, atomic_write_json
+from bts.core.io import BTSError, atomic_dir, atomic_write_json
 
 from .corpus import DomainSource, load_split
 from .mixtures import resolve_mixture
@@ -175,3 +175,16 @@ def _version(dist: str) -> str:
     from .sources import package_version
 
     return package_version(dist)
+
+
+def load_tokenizer_from(path: Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BTSError(f"tokenizer directory not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BTSError(f"cannot load a tokenizer from {path} ({first}); pass --tokenizer DIR") from None

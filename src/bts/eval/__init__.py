@@ -1,4 +1,4 @@
-"""One evaluation suite for every method (DESIGN.md §4).
+"""One evaluation suite for every method (docs/design.md §4).
 
 Modules: ``interface`` (the ``LanguageModel`` protocol), ``perplexity`` (per-domain perplexity), ``metrics``
 (math EM, chrF/BLEU, teacher-forced span EM, pass@k), ``humaneval`` (problems + sandboxed execution),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import lightning as L
 
+from bts.core.io import BTSError, atomic_write_json
 from bts.eval.suite import DEFAULT_TASKS, EvalConfig, evaluate
-from bts.io import BTSError, atomic_write_json
 
 
 class DownstreamEvalCallback(L.Callback):

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from bts.io import BTSError, CommandParser, atomic_write_text
+from bts.core.io import BTSError, CommandParser, atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(arg: str | None) -> str:
-    from bts.modeling import (
+    from bts.dense.modeling import (
         resolve_device,  # a model is loaded next anyway: no start-up cost for an early error
     )
 
@@ -105,9 +105,11 @@ def load_model_and_tokenizer(model_dir, tokenizer_dir=None, device: str = "cpu",
     (from ``tokenizer_dir``, default the artifact directory)."""
     import torch
 
-    from bts.eval.interface import HFLanguageModel
-    from bts.eval.loading import HF_KIND, artifact_kind, load_for_eval, load_tokenizer_from
-    from bts.modeling import load_causal_lm
+    from bts.core.artifacts import HF_KIND, artifact_kind
+    from bts.core.language_model import HFLanguageModel
+    from bts.data.tokenizer import load_tokenizer_from
+    from bts.dense.modeling import load_causal_lm
+    from bts.eval.loading import load_for_eval
 
     kind = artifact_kind(model_dir)
     tok = load_tokenizer_from(Path(tokenizer_dir or model_dir))

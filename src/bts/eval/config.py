@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
-from bts.data.corpus import DOMAINS
-from bts.eval.tasks.switching import DEFAULT_FRACTIONS as DEFAULT_SWITCH_FRACTIONS
-from bts.eval.tasks.switching import DEFAULT_TYPES as DEFAULT_SWITCH_TYPES
-from bts.eval.tasks.switching import check_switch_settings
-from bts.io import BTSError
+from bts.core.io import BTSError
+from bts.data.domains import DOMAINS
+from bts.data.switching import DEFAULT_FRACTIONS as DEFAULT_SWITCH_FRACTIONS
+from bts.data.switching import DEFAULT_TYPES as DEFAULT_SWITCH_TYPES
+from bts.data.switching import check_switch_settings
 
 _OPTIONAL_INT = ("max_context", "humaneval_items")
 PRECISIONS = ("32", "bf16-mixed")

@@ -33,9 +33,9 @@ try:
 except ImportError as e:  # pragma: no cover - optional extra
     raise ImportError("bts.eval.harness needs lm-eval: pip install -e '.[harness]'") from e
 
+from bts.core.io import BTSError
+from bts.core.language_model import HFLanguageModel
 from bts.eval.generation import generate_text, model_device
-from bts.eval.interface import HFLanguageModel
-from bts.io import BTSError
 
 _MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
@@ -53,7 +53,7 @@ def _load_tokenizer(path):
 @register_model("bts")
 class BTSHarnessLM(TemplateLM):
     """An lm-eval ``TemplateLM`` around a ``LanguageModel`` (``model``) or a Hugging Face directory
-    (``pretrained``, loaded with ``bts.modeling.load_causal_lm``)."""
+    (``pretrained``, loaded with ``bts.dense.modeling.load_causal_lm``)."""
 
     def __init__(
         self,
@@ -91,7 +91,7 @@ class BTSHarnessLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise BTSError("BTSHarnessLM needs model= (a LanguageModel) or pretrained= (a model directory)")
-            from bts.modeling import load_causal_lm
+            from bts.dense.modeling import load_causal_lm
 
             torch_dtype = getattr(torch, str(dtype).replace("torch.", ""), None)
             if not isinstance(torch_dtype, torch.dtype):

@@ -22,8 +22,8 @@ import inspect
 import re
 from pathlib import Path
 
+from bts.core.io import BTSError
 from bts.eval.sandbox import UNSAFE_HINT, ExecResult, run_job
-from bts.io import BTSError
 
 # Codex / HumanEval stop sequences: a completion ends where a new top-level statement starts.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")

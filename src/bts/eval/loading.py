@@ -10,54 +10,11 @@ from __future__ import annotations
 
 import inspect
 import json
-from importlib.metadata import entry_points
 from pathlib import Path
 
-from bts.io import BTSError
-from bts.params import ParamCounts, count_params
-
-HF_KIND = "hf"
-"""``artifact_kind`` of a plain Hugging Face model directory (config.json, no artifact.json)."""
-
-
-def artifact_loaders() -> dict:
-    return {ep.name: ep for ep in entry_points(group="bts.artifacts")}
-
-
-def artifact_kind(path: str | Path) -> str:
-    """``"hf"`` for a Hugging Face model directory, else the ``kind`` its ``artifact.json`` names (one of the
-    ``bts.artifacts`` entry points). Anything else is one ``BTSError`` line that lists what was expected."""
-    path = Path(path)
-    kinds = sorted(artifact_loaders())
-    expected = ("expected a Hugging Face model directory (config.json) or an artifact directory whose artifact.json "
-                f"names its kind ({', '.join(kinds)})")
-    if not path.is_dir():
-        raise BTSError(f"no model artifact at {path}: {expected}")
-    meta_file = path / "artifact.json"
-    if meta_file.is_file():
-        try:
-            kind = json.loads(meta_file.read_text(encoding="utf-8")).get("kind")
-        except (ValueError, AttributeError):
-            raise BTSError(f"{meta_file} is not a valid artifact.json: {expected}") from None
-        if kind not in kinds:
-            raise BTSError(f"{path}: unknown artifact kind {kind!r} in artifact.json (known: {', '.join(kinds)})")
-        return kind
-    if (path / "config.json").is_file():
-        return HF_KIND
-    raise BTSError(f"{path} is not a model artifact: {expected}")
-
-
-def load_tokenizer_from(path: Path):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise BTSError(f"tokenizer directory not found: {path}")
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BTSError(f"cannot load a tokenizer from {path} ({first}); pass --tokenizer DIR") from None
+from bts.core.artifacts import HF_KIND, artifact_kind, artifact_loaders
+from bts.core.params import ParamCounts, count_params
+from bts.data.tokenizer import load_tokenizer_from
 
 
 def load_for_eval(path: str | Path, allow_changed_models: bool = False, tokenizer_dir: str | Path | None = None):
@@ -68,8 +25,8 @@ def load_for_eval(path: str | Path, allow_changed_models: bool = False, tokenize
     checkpoint refuses models whose sha256 changed unless it is set); the loaded model then carries
     ``allow_changed_models`` / ``changed_models``, which the evaluation records (see ``changed_models_entry``).
     """
-    from bts.eval.interface import HFLanguageModel
-    from bts.modeling import load_causal_lm
+    from bts.core.language_model import HFLanguageModel
+    from bts.dense.modeling import load_causal_lm
 
     path = Path(path)
     kind = artifact_kind(path)

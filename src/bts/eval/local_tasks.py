@@ -16,8 +16,8 @@ import os
 import random
 from pathlib import Path
 
-from bts.data.corpus import DOMAINS
-from bts.io import atomic_dir
+from bts.core.io import atomic_dir
+from bts.data.domains import DOMAINS
 
 PREFIX = "bts_"
 TASKS = tuple(f"{PREFIX}{d}_ppl" for d in DOMAINS)
@@ -29,7 +29,7 @@ def is_local(task: str) -> bool:
 
 
 def task_dir(cache_dir=None) -> Path:
-    from bts.data.corpus import default_cache_dir
+    from bts.data.domains import default_cache_dir
 
     return default_cache_dir(cache_dir) / "lm_eval_tasks"
 
@@ -85,7 +85,7 @@ def ensure_for(tasks: list[str], include_path: str | os.PathLike | None, cache_d
     if not any(is_local(t) for t in tasks):
         return None if include_path is None else str(include_path)
     if include_path is not None:
-        from bts.io import BTSError
+        from bts.core.io import BTSError
 
         raise BTSError(f"--include-path cannot be combined with the built-in local tasks ({', '.join(TASKS)}); "
                        "copy their files from " + str(task_dir(cache_dir)) + " into your folder instead")

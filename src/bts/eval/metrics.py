@@ -1,4 +1,4 @@
-"""Metric functions of the evaluation suite (DESIGN.md §4). Every score is on a 0-100 scale, higher is better.
+"""Metric functions of the evaluation suite (docs/design.md §4). Every score is on a 0-100 scale, higher is better.
 
 * ``normalize_math_answer`` / ``math_exact_match`` — exact match after normalisation (see the function).
 * ``chrf`` / ``bleu`` — corpus-level chrF and BLEU from sacreBLEU (``sacrebleu.CHRF()`` / ``sacrebleu.BLEU()``

@@ -55,8 +55,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bts.core.io import BTSError
 from bts.eval.sandbox_child import MEMORY_EXIT
-from bts.io import BTSError
 
 UNSAFE_HINT = "pass --allow-unsafe-exec (EvalConfig.allow_unsafe_exec) to run it without isolation"
 UNSAFE_WARNING = (

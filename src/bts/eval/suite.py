@@ -1,4 +1,4 @@
-"""The evaluation suite: held-out perplexity per domain and the downstream tasks of DESIGN.md §4.
+"""The evaluation suite: held-out perplexity per domain and the downstream tasks of docs/design.md §4.
 
 ``evaluate(model, tokenizer, tasks, cfg)`` runs on any ``LanguageModel`` (dense HF models, merges, BTM,
 routers, BTX/BAM, BTS, or a LightningModule) and returns one method entry of ``metrics.json`` (§6)::
@@ -16,14 +16,14 @@ routers, BTX/BAM, BTS, or a LightningModule) and returns one method entry of ``m
      "items":    {cell: {"num": [...], "den": [...], "kind": "ppl" | "pct"}}}
 
 Per-item scores. Every value except chrF is a ratio estimator over items and equals
-``bts.stats.cell_value(num, den, kind)`` of its ``items`` entry exactly: ``ppl:<domain>`` has one entry per
+``bts.eval.stats.cell_value(num, den, kind)`` of its ``items`` entry exactly: ``ppl:<domain>`` has one entry per
 block (summed token NLL, scored tokens; kind "ppl"); ``switch:<A>B>`` and ``switch:all`` one per
 domain-switching block (summed NLL and count of the tokens after the switch; kind "ppl";
 ``bts.eval.tasks.switching``); a multiple-choice metric one per item (credit 1, 1/m on an m-way tie, or 0; den 1);
 a teacher-forced span metric one per document (hits, scored spans); ``math_em`` and ``humaneval_pass1`` one per
 problem (0/1, den 1). chrF is corpus-level (n-gram statistics are pooled before the
 F-score), so it has no ``items`` entry; its interval resamples (prediction, reference) pairs and recomputes the
-corpus score. Intervals are seeded (``EvalConfig.seed``) and deterministic; ``bts.stats.paired_ci`` uses the
+corpus score. Intervals are seeded (``EvalConfig.seed``) and deterministic; ``bts.eval.stats.paired_ci`` uses the
 ``items`` to compare methods on the same items.
 
 Default tasks and cost. The embedded reproduction evaluates ~25 tiny models (d=64, vocab 2048, context 128) on 2
@@ -57,7 +57,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from bts.core.io import BTSError
 from bts.eval.config import DOMAINS, EvalConfig
+from bts.eval.stats import cell_ci, cell_value
 from bts.eval.tasks import (
     EXTRA_METRICS,
     FAMILIES,
@@ -77,8 +79,6 @@ from bts.eval.tasks.perplexity import pack_blocks, perplexity_cell
 from bts.eval.tasks.scoring import MCItem, pick_distractors, score_mc, span_hits
 from bts.eval.tasks.switching import SWITCH, switching_cells
 from bts.eval.tasks.translation import LANG_NAMES, infer_pair_format, template_pair_format
-from bts.io import BTSError
-from bts.stats import cell_ci, cell_value
 
 __all__ = [
     "DEFAULT_TASKS", "DOMAINS", "EXTRA_METRICS", "GENERATIVE_TASKS", "LANG_NAMES", "TASKS", "TASK_GROUPS",

@@ -1,5 +1,5 @@
 """Hermetic helpers for tests and smoke runs of the suite: a tiny byte-level BPE fast tokenizer and synthetic
-records with the data layer's shapes (DESIGN.md §3; ``bts.data.load_split`` records). Nothing touches the network.
+records with the data layer's shapes (docs/design.md §3; ``bts.data.load_split`` records). Nothing touches the network.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Embedded (offline) sources of the four domains, built from what pip can install (DESIGN.md §3).
+"""Embedded (offline) sources of the four domains, built from what pip can install (docs/design.md §3).
 
 One module per domain (:mod:`.general`, :mod:`.code`, :mod:`.math`, :mod:`.multilingual`), each with
 ``build(config, wheel_dir) -> (records, provenance)``; :mod:`.math_compat` makes ``mathematics-dataset`` run on
@@ -81,7 +81,7 @@ class EmbeddedConfig:
         known = {f for f in cls.__dataclass_fields__}
         bad = sorted(set(d) - known)
         if bad:
-            from bts.io import BTSError
+            from bts.core.io import BTSError
 
             raise BTSError(f"unknown embedded corpus option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -44,7 +44,7 @@ def generate(modules: list[str], per_module: int, seed: int = 0, regime: str = "
     available = math_compat.flat_modules(regime)
     unknown = [m for m in modules if m not in available]
     if unknown:
-        from bts.io import BTSError
+        from bts.core.io import BTSError
 
         raise BTSError(f"unknown mathematics_dataset module(s) {', '.join(unknown)}; "
                        f"known: {', '.join(available)}")
@@ -103,7 +103,7 @@ class GeneratorProcess:
         self._dir.cleanup()
 
     def result(self, timeout: float | None = 900) -> list[dict]:
-        from bts.io import BTSError
+        from bts.core.io import BTSError
 
         try:
             _, err = self.proc.communicate(timeout=timeout)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for rec in records:
             sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return 0
-    # temp file + rename (bts.io is not imported here: it pulls in torch, which the child does not need)
+    # temp file + rename (bts.core.io is not imported here: it pulls in torch, which the child does not need)
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -260,7 +260,7 @@ def flat_modules(regime: str = "train") -> dict[str, Any]:
     elif regime == "extrapolate":
         tree = modules.test_extra()
     else:
-        from bts.io import BTSError
+        from bts.core.io import BTSError
 
         raise BTSError(f"unknown mathematics_dataset regime {regime!r} (train, interpolate, extrapolate)")
     out: dict[str, Any] = {}

@@ -85,7 +85,7 @@ def catalogs(wheel: Path, languages) -> list[tuple[str, str]]:
 
 def build(config: EmbeddedConfig, wheel_dir: Path, progress: bool | None = None):
     """Return ``(records, provenance)`` of the multilingual domain."""
-    from bts.io import BTSError
+    from bts.core.io import BTSError
 
     bad = [lang for lang in config.languages if lang not in LANGUAGES]
     if bad:

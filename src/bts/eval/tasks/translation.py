@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
+from bts.core.io import BTSError
 from bts.eval.metrics import bleu, chrf, chrf_from_statistics, chrf_statistics
+from bts.eval.stats import resample_ci
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
 from bts.eval.tasks.scoring import (
     MC_COMMON,
@@ -26,8 +28,6 @@ from bts.eval.tasks.scoring import (
     run_mc,
     token_lengths,
 )
-from bts.io import BTSError
-from bts.stats import resample_ci
 
 LANG_NAMES = {
     "en": "English", "nl": "Dutch", "es": "Spanish", "pt": "Portuguese", "vi": "Vietnamese",

@@ -1,0 +1,92 @@
+"""`bts sweep`: an ablation grid expressed as a config (``configs/sweeps/<name>.yaml``).
+
+Every grid point is the base Lightning config with some dotted keys set (``model.init_args.stitch.num_stitch_layers``)
+and its run-specific paths renamed (output dir, TensorBoard log name, checkpoint dir), so each point is a fresh run
+in its own log directory. Points run through the reproduction pipeline (same reuse / resume rules, same
+evaluation) after the profile stages they depend on; results go to ``results/<profile>/sweeps/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+from bts.core.io import (
+    BTSError,
+    CommandParser,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    exclusive_lock,
+)
+from bts.pipeline.reproduce import Pipeline, StageSpec, load_profile
+from bts.pipeline.sweep_config import load_sweep, point_config, point_name
+
+
+def sweep_table(name: str, rows: dict) -> str:
+    from bts.pipeline.report import results_table
+
+    return results_table(rows, f"Sweep `{name}`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = CommandParser(prog="bts sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="configs/sweeps/<name>.yaml")
+    ap.add_argument("--profile", default="tiny", help="reproduction profile whose stages the points build on")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--jobs", type=int, default=None, help="points run at a time (default: the profile's `jobs`)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="profile sweeps: rewrite the table from results/<profile>/sweeps/<name>.json, run nothing")
+    args = ap.parse_args(argv)
+    sweep = load_sweep(args.config)
+    profile = load_profile(args.profile)
+    if "stages" in sweep:
+        from bts.pipeline.regime_sweep import run_profile_sweep
+
+        if args.table_only:
+            from bts.pipeline.regime_sweep import rewrite_table
+
+            return rewrite_table(sweep, profile)
+        return run_profile_sweep(sweep, profile, args.jobs or profile.jobs, progress=not args.no_progress)
+    base = yaml.safe_load(Path(sweep["base"]).read_text())
+    keys = list(sweep["grid"])
+    runs = ensure_writable_dir(profile.runs_dir)
+    point_dir = ensure_writable_dir(runs / "sweeps" / sweep["name"])
+    stages = []
+    for values in itertools.product(*(sweep["grid"][k] for k in keys)):
+        assignment = dict(zip(keys, values))
+        name = point_name(assignment)
+        cfg_path = point_dir / f"{name}.yaml"
+        text = yaml.safe_dump(point_config(base, sweep["name"], name, assignment), sort_keys=False)
+        atomic_write_text(cfg_path, f"# sweep {sweep['name']} point {name}: bts fit --config {cfg_path}\n" + text)
+        stages.append(StageSpec(name=f"sweep_{sweep['name']}__{name}", kind="fit", config=str(cfg_path), family=sweep.get("family", "merging"),
+                                after=list(sweep.get("after", [])), report="ablation"))
+    needed, todo = set(), list(sweep.get("after", []))
+    by_name = {s.name: s for s in profile.stages}
+    while todo:
+        n = todo.pop()
+        if n not in by_name:
+            raise BTSError(f"sweep runs after '{n}', which profile {profile.profile} does not have")
+        if n not in needed:
+            needed.add(n)
+            todo += by_name[n].after
+    profile.stages = [s for s in profile.stages if s.name in needed] + stages
+    for s in profile.stages:
+        if s.name in needed:
+            s.report = "none"
+    with exclusive_lock(runs / ".lock", f"run directory {profile.runs_dir}"):
+        out = Pipeline(profile, 0, progress=not args.no_progress).run(args.jobs or profile.jobs)
+    rows = out["ablations"]
+    results = ensure_writable_dir(Path(profile.results_dir) / "sweeps")
+    atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})
+    atomic_write_text(results / f"{sweep['name']}.md", sweep_table(sweep["name"], rows))
+    metrics_path = Path(profile.results_dir) / "metrics.json"
+    if metrics_path.is_file():  # list the new table in ablations.md now, not only at the next `bts reproduce`
+        from bts.pipeline.report import write_ablations
+
+        write_ablations(Path(profile.results_dir), json.loads(metrics_path.read_text()))
+    print(f"wrote {results}/{sweep['name']}.md ({len(rows)} points)")
+    return 0
