@@ -193,7 +193,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, fit_env):
 def test_reproduce_run_fit_resumes_from_last_checkpoint(tmp_path, monkeypatch):
     """Pipeline.run_fit: an interrupted stage (record 'started', same hash) resumes from last.ckpt with
     weights_only=True; an unreadable last.ckpt or a changed config restarts the stage from scratch."""
-    import bts.cli.main
+    import bts.cli.lightning
     from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
 
     ckpt_dir, out_dir = tmp_path / "runs" / "ckpt" / "s", tmp_path / "runs" / "s"
@@ -227,10 +227,10 @@ trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
 
     crash = {"value": True}
-    monkeypatch.setattr(bts.cli.main, "run_lightning",
+    monkeypatch.setattr(bts.cli.lightning, "run_lightning",
                         lambda args, run=True: type("CLI", (), {"trainer": FakeTrainer(crash["value"]), "model": None,
                                                                 "datamodule": None})())
-    monkeypatch.setattr(bts.cli.main, "mark_resuming", lambda trainer, label="resumed": resumed_marks.append(label))
+    monkeypatch.setattr(bts.cli.lightning, "mark_resuming", lambda trainer, label="resumed": resumed_marks.append(label))
     profile = Profile(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=[])
     stage = StageSpec(name="s", kind="fit", config=str(cfg))
 
