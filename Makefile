@@ -11,7 +11,7 @@ SEEDS ?= 1
 
 $(BIN)/bts:
 	@# the code and general corpora are built from the interpreter's standard library: another Python version gives
-	@# other data (README "Reproducible across machines"); say so before building on it
+	@# other data (docs/reproduce.md "Reproducible across machines"); say so before building on it
 	@$(PYTHON) -c "import sys; v='%d.%d.%d' % sys.version_info[:3]; v == '3.11.7' or print(f'warning: {sys.executable} is Python {v}; the committed results were made with 3.11.7, and the embedded code/general data depend on the interpreter (set PYTHON=... to choose another)')"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

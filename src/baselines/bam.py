@@ -31,15 +31,12 @@ from baselines.moe import (
     AttentionMixture,
     BaselineLM,
     clone_module,
-    load_family,
     router_weight,
 )
-from baselines.upcycle import BAMModel, build_btx, load_btx
-from bts.core.params import ParamCounts
+from baselines.upcycle import BAMModel, UpcycledMoEModule, build_btx, load_btx
 from bts.dense.modeling import decoder_parts
-from bts.dense.module import hf_hidden_and_head
 from bts.training import flops
-from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OptimizerArgs, Unpack
 
 __all__ = ["BAMModel", "BAMModule", "build_bam", "load_bam"]
 
@@ -84,12 +81,10 @@ def load_bam(path: str | Path) -> BaselineLM:
     return load_btx(path)
 
 
-class BAMModule(LMTrainingModule):
+class BAMModule(UpcycledMoEModule):
     """Trains BAM (Zhang et al. 2024, "BAM! Just Like That", arXiv 2408.08274): BTX-soft FFN experts plus
     soft-routed attention experts (``build_bam``); every parameter trains with next-token CE through the shared
     ``LMTrainingModule`` loop. Artifact: ``bam.safetensors`` + ``base_config.json`` + ``bam.json``."""
-
-    artifact_kind = "btx"
 
     def __init__(
         self,
@@ -100,12 +95,8 @@ class BAMModule(LMTrainingModule):
         router_seed: int = 0,
         load_balance_coef: float = 0.01,
         gumbel_temperature: float = 1.0,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
@@ -116,31 +107,14 @@ class BAMModule(LMTrainingModule):
             router_seed: seed of the router initialisation.
             load_balance_coef: Switch load-balancing coefficient (only used when ``ffn_variant`` is ``top2``).
             gumbel_temperature: Gumbel-softmax temperature (only used when ``ffn_variant`` is ``sample``).
-            lr: peak learning rate (AdamW, all parameters).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak.
-            weight_decay: AdamW weight decay on matrices.
-            betas: AdamW betas.
-            output_dir: where the trained artifact is written at the end of ``fit``.
+            output_dir: where the trained BAM (``bam.safetensors`` + configs) is written when ``fit`` ends.
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         self.save_hyperparameters()
-        models = load_family(seed_model, experts)
-        self.net = build_bam(
-            models[0],
-            models[1:],
-            ffn_variant,
-            router_init_std,
-            router_seed,
-            load_balance_coef,
-            gumbel_temperature,
-        )
-
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self.net(input_ids)
-
-    def hidden_and_head(self, input_ids: torch.LongTensor):
-        return hf_hidden_and_head(self.net.model, input_ids)
+        self.build_net(build_bam, seed_model, experts, ffn_variant, router_init_std, router_seed, load_balance_coef,
+                       gumbel_temperature)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Every token runs every attention expert (soft attention routing) and ``top_k`` FFN experts."""
@@ -150,14 +124,3 @@ class BAMModule(LMTrainingModule):
         ffn = flops.layer_forward_flops(cfg, seq_len) - flops.layer_forward_flops(cfg, seq_len, ffn_experts=0)
         per_layer = e * (layer - ffn) + e * ffn_share * ffn
         return 3 * (cfg.num_hidden_layers * per_layer + flops.head_forward_flops(cfg))
-
-    def extra_loss(self) -> torch.Tensor | None:
-        return self.net.aux_loss()
-
-    def param_counts(self) -> ParamCounts:
-        return self.net.param_counts()
-
-    def save_artifact(self, out_dir: Path) -> None:
-        self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
-        )

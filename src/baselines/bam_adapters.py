@@ -51,6 +51,7 @@ from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import decoder_parts, freeze
 from bts.training import flops
 from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OptimizerArgs, Unpack
 
 
 def identity_adapter(d: int, dtype: torch.dtype, device) -> nn.Linear:
@@ -205,12 +206,8 @@ class BAMAdaptersModule(LMTrainingModule):
         experts: list[str],
         router_init_std: float = 0.0,
         router_seed: int = 0,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
@@ -218,14 +215,11 @@ class BAMAdaptersModule(LMTrainingModule):
             experts: Hugging Face directories of the experts branched from the seed (models 1..n).
             router_init_std: std of the normal init of the routers (0 = zero routers: uniform mixtures).
             router_seed: seed of the router initialisation.
-            lr: peak learning rate (AdamW, routers and adapters).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak.
-            weight_decay: AdamW weight decay on matrices (it pulls the adapters towards 0, not towards I).
-            betas: AdamW betas.
             output_dir: where the trained routers/adapters (+ json naming the frozen models) are written.
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         self.save_hyperparameters()
         self.net = BAMAdaptersModel(load_family(seed_model, experts), router_init_std, router_seed)
 

@@ -35,23 +35,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from baselines.moe import load_family
 from baselines.upcycle import (
     MIXTRAL_EXPORTABLE_TYPES,
     ROUTING_OF_VARIANT,
     BTXModel,
     MixtralLM,
+    UpcycledMoEModule,
     Variant,
     build_btx,
     load_btx,
     moe_skeleton,
 )
-from bts.core.params import ParamCounts
-from bts.dense.module import hf_hidden_and_head
 from bts.training import flops
-from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OptimizerArgs, Unpack
 
 __all__ = [
     "MIXTRAL_EXPORTABLE_TYPES",
@@ -75,13 +71,11 @@ def export_mixtral(module: BTXModule | BTXModel, out_dir: str | Path) -> Path:
     return out_dir
 
 
-class BTXModule(LMTrainingModule):
+class BTXModule(UpcycledMoEModule):
     """Trains BTX (Sukhbaatar et al. 2024, "Branch-Train-MiX", arXiv 2403.07816): the seed and experts upcycled
     into an MoE (``build_btx``), then every parameter fine-tuned with next-token CE (+ load balancing for top2) by
     the shared ``LMTrainingModule`` loop. The artifact (``output_dir``) is a Mixtral HF directory when the
     architecture allows it (``export_mixtral``), plus ``btx.json`` and ``training.json``."""
-
-    artifact_kind = "btx"
 
     def __init__(
         self,
@@ -92,12 +86,8 @@ class BTXModule(LMTrainingModule):
         router_seed: int = 0,
         load_balance_coef: float = 0.01,
         gumbel_temperature: float = 1.0,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
@@ -109,43 +99,15 @@ class BTXModule(LMTrainingModule):
             router_seed: seed of the router initialisation.
             load_balance_coef: coefficient of the Switch load-balancing loss (``top2`` only; 0 disables it).
             gumbel_temperature: Gumbel-softmax temperature of ``sample`` (affects only the router gradient).
-            lr: peak learning rate (AdamW, all parameters).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak.
-            weight_decay: AdamW weight decay on matrices.
-            betas: AdamW betas.
             output_dir: where the trained artifact is written at the end of ``fit``.
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         self.save_hyperparameters()
-        models = load_family(seed_model, experts)
-        self.net = build_btx(
-            models[0],
-            models[1:],
-            variant,
-            router_init_std,
-            router_seed,
-            load_balance_coef,
-            gumbel_temperature,
-        )
-
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self.net(input_ids)
-
-    def hidden_and_head(self, input_ids: torch.LongTensor):
-        return hf_hidden_and_head(self.net.model, input_ids)
+        self.build_net(build_btx, seed_model, experts, variant, router_init_std, router_seed, load_balance_coef,
+                       gumbel_temperature)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Dense training FLOPs with ``top_k`` FFN experts per token (every expert for ``soft``); routers left out."""
         return flops.dense_train_flops(self.net.model.config, seq_len, ffn_experts=self.net.top_k)
-
-    def extra_loss(self) -> torch.Tensor | None:
-        return self.net.aux_loss()
-
-    def param_counts(self) -> ParamCounts:
-        return self.net.param_counts()
-
-    def save_artifact(self, out_dir: Path) -> None:
-        self.net.save(
-            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
-        )

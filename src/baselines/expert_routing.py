@@ -51,6 +51,7 @@ from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import decoder_parts, freeze
 from bts.training import flops
 from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OptimizerArgs, Unpack
 
 
 class ExpertRouter(BaselineLM):
@@ -224,12 +225,8 @@ class ExpertRoutingModule(LMTrainingModule):
         router_init_std: float = 0.0,
         router_seed: int = 0,
         normalize_features: bool = True,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
@@ -240,14 +237,11 @@ class ExpertRoutingModule(LMTrainingModule):
             router_init_std: std of the normal router init (0 = zero router: uniform over models).
             router_seed: seed of the router initialisation.
             normalize_features: divide the mean embedding by its RMS before the router (see module docstring).
-            lr: peak learning rate (AdamW, router only).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak.
-            weight_decay: AdamW weight decay on the router matrix.
-            betas: AdamW betas.
             output_dir: where the router weights (+ json naming the frozen models) are written.
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         self.save_hyperparameters()
         if min_prefix < 1:
             raise BTSError(f"min_prefix must be >= 1, got {min_prefix}")

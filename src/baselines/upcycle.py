@@ -26,6 +26,7 @@ from baselines.moe import (
     MoEFFN,
     check_family,
     clone_module,
+    load_family,
     mean_tensor,
     read_json,
     router_weight,
@@ -34,6 +35,8 @@ from baselines.moe import (
 from bts.core.io import BTSError, atomic_write_json
 from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import decoder_parts, load_causal_lm
+from bts.dense.module import hf_hidden_and_head
+from bts.training.module import LMTrainingModule
 
 Variant = Literal["sample", "soft", "top2"]
 ROUTING_OF_VARIANT = {"sample": "gumbel", "soft": "soft", "top2": "topk"}
@@ -313,3 +316,33 @@ def load_btx(path: str | Path) -> BaselineLM:
     if meta["method"] == "bam":
         return BAMModel(model, meta["variant"], meta["load_balance_coef"]).eval()
     return BTXModel(model, meta["variant"], meta["load_balance_coef"]).eval()
+
+
+class UpcycledMoEModule(LMTrainingModule):
+    """What training BTX and BAM shares: the upcycled network ``self.net`` (built by ``build_net``), its forward,
+    its load-balancing loss, its parameter counts and its artifact. Subclasses give the typed constructor (the
+    config schema) and the FLOP count."""
+
+    artifact_kind = "btx"
+
+    def build_net(self, build, seed_model: str, experts: list[str], *routing) -> None:
+        """``self.net = build(seed, experts, *routing)`` over the models loaded from their directories."""
+        models = load_family(seed_model, experts)
+        self.net = build(models[0], models[1:], *routing)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.net(input_ids)
+
+    def hidden_and_head(self, input_ids: torch.LongTensor):
+        return hf_hidden_and_head(self.net.model, input_ids)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.net.aux_loss()
+
+    def param_counts(self) -> ParamCounts:
+        return self.net.param_counts()
+
+    def save_artifact(self, out_dir: Path) -> None:
+        self.net.save(
+            out_dir, extra={"seed": str(self.hparams.seed_model), "experts": [str(e) for e in self.hparams.experts]}
+        )

@@ -16,6 +16,7 @@ from bts.core.io import BTSError
 from bts.dense.modeling import LlamaArch, build_llama, check_tokenizer_fits, decoder_parts, load_causal_lm
 from bts.training import flops
 from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OptimizerArgs, Unpack
 
 
 class CausalLMModule(LMTrainingModule):
@@ -26,31 +27,24 @@ class CausalLMModule(LMTrainingModule):
         arch: LlamaArch | dict | None = None,
         init_from: str | None = None,
         seed: int = 0,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
         freeze: list[str] | None = None,
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
             arch: architecture of a model trained from scratch (ignored when ``init_from`` is set).
             init_from: Hugging Face directory to continue from (branching an expert from the seed).
             seed: seed of the random initialisation.
-            lr: peak learning rate (AdamW).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak (paper: 1 %).
-            weight_decay: AdamW weight decay on matrices.
-            betas: AdamW betas.
             output_dir: where the final Hugging Face directory (model + tokenizer, safetensors) is written.
             freeze: parts that keep the loaded weights, among ``FREEZABLE`` ("embeddings", "final_norm", "head"):
                 an expert whose final norm and head stay the seed's stays readable by the hub's head (docs/design.md §7;
                 an approximation of the paper's very low expert lr). With tied embeddings (``tie_word_embeddings``)
                 "embeddings" and "head" are one tensor: freeze both or neither (one alone is refused).
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         freeze = list(freeze or [])
         bad = [f for f in freeze if f not in FREEZABLE]
         if bad:

@@ -163,7 +163,7 @@ def results_readme(metrics: dict, gates: dict | None) -> str:
         ),
         "",
         "Files: `table.md` (Table 3 analogue), `params.md` (Table 2), `ablations.md` (Tables 5-8), `gates.json` and",
-        "`figures/` (gate plots, loss curves), `metrics.json` (machine-readable; schema in the top-level README).",
+        "`figures/` (gate plots, loss curves), `metrics.json` (machine-readable; schema in docs/reproduce.md).",
         "",
     ]
     if metrics.get("regime"):

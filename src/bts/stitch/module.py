@@ -18,6 +18,7 @@ before each optimizer step (same formula as AdamW: ``p *= 1 - lr · wd``). The o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -27,12 +28,17 @@ from bts.dense.modeling import check_tokenizer_fits
 from bts.stitch.model import StitchConfig, StitchedLM
 from bts.training import flops
 from bts.training.module import LMTrainingModule
+from bts.training.optimizer import OPTIMIZER_DEFAULTS, OptimizerArgs, Unpack
 
 FROZEN_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class StitchModule(LMTrainingModule):
     """Train the stitch layers of a hub and its experts; every model weight stays frozen and bit-identical."""
+
+    # a lower peak than the dense models' and no decay: the stitch matrices start at the identity (projections)
+    # and zero (gates), and decay would pull the projections away from the identity
+    optimizer_defaults: ClassVar[OptimizerArgs] = {**OPTIMIZER_DEFAULTS, "lr": 1e-3, "weight_decay": 0.0}
 
     def __init__(
         self,
@@ -44,13 +50,9 @@ class StitchModule(LMTrainingModule):
         init_stitch_from: str | None = None,
         train_only_new: bool = False,
         allow_changed_models: bool = False,
-        lr: float = 1e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.95),
         output_dir: str | None = None,
         frozen_dtype: str = "auto",
+        **optimizer: Unpack[OptimizerArgs],
     ):
         """
         Args:
@@ -66,18 +68,15 @@ class StitchModule(LMTrainingModule):
             train_only_new: with ``init_stitch_from``, train only the new experts' slices (projection + gate rows);
                 every other stitch entry stays bit-identical.
             allow_changed_models: accept models whose weights differ from ``init_stitch_from``'s manifest.
-            lr: peak learning rate (AdamW).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final lr as a fraction of the peak (paper: 1 %).
-            weight_decay: AdamW weight decay on the stitch matrices.
-            betas: AdamW betas.
             output_dir: where the stitch checkpoint (``stitch.safetensors`` + ``bts.json``) is written after fit.
             frozen_dtype: dtype the frozen hub and experts are held in: ``auto`` (bfloat16 when the trainer's
                 precision is bf16, else as loaded), ``float32`` or ``bfloat16``. Under bf16 autocast an fp32 frozen
                 weight is cast to bf16 in every forward; held in bf16 it is not, and the models run as in their own
                 bf16 inference. The weights stay bit-identical in the held dtype; the stitch layers stay float32.
+            optimizer: ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``weight_decay``, ``betas``
+                (``bts.training.optimizer.OptimizerArgs``).
         """
-        super().__init__(lr, warmup_steps, min_lr_ratio, weight_decay, betas, output_dir)
+        super().__init__(output_dir, **optimizer)
         if frozen_dtype not in FROZEN_DTYPES:
             raise BTSError(f"model.init_args.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got "
                            f"{frozen_dtype!r}")

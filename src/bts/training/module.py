@@ -27,6 +27,7 @@ from bts.core.io import BTSError, atomic_dir, atomic_write_json, ensure_writable
 from bts.core.language_model import greedy_or_sample_uncached
 from bts.core.params import ParamCounts, count_params
 from bts.training.losses import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
+from bts.training.optimizer import OPTIMIZER_DEFAULTS, OptimizerArgs, Unpack, resolve_optimizer_args
 from bts.training.perplexity import DomainPerplexity, token_nll
 from bts.training.schedule import warmup_cosine
 from bts.training.throughput import StageClock, compute_dtype, matmul_peak, mfu
@@ -44,21 +45,17 @@ class LMTrainingModule(L.LightningModule):
     loss_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
     """Tokens per chunk of the LM-head cross-entropy when the module exposes ``hidden_and_head``."""
 
-    def __init__(
-        self,
-        lr: float = 3e-3,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.01,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        output_dir: str | None = None,
-    ):
+    optimizer_defaults: ClassVar[OptimizerArgs] = OPTIMIZER_DEFAULTS
+    """What a subclass's optimiser arguments default to (``bts.training.optimizer``)."""
+
+    def __init__(self, output_dir: str | None = None, **optimizer: Unpack[OptimizerArgs]):
         super().__init__()
-        self.lr = lr
-        self.warmup_steps = warmup_steps
-        self.min_lr_ratio = min_lr_ratio
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
+        self.optimizer_args = resolve_optimizer_args(optimizer, self.optimizer_defaults)
+        self.lr = self.optimizer_args["lr"]
+        self.warmup_steps = self.optimizer_args["warmup_steps"]
+        self.min_lr_ratio = self.optimizer_args["min_lr_ratio"]
+        self.weight_decay = self.optimizer_args["weight_decay"]
+        self.betas = self.optimizer_args["betas"]
         self.output_dir = output_dir
         self._ppl: dict[str, DomainPerplexity] = {}
         self._tokens_seen = 0
@@ -311,6 +308,7 @@ class LMTrainingModule(L.LightningModule):
                     "params": self.param_counts().to_dict(),
                     "lr": self.lr,
                     "min_lr_ratio": self.min_lr_ratio,
+                    "optimizer": {**self.optimizer_args, "betas": list(self.betas)},  # defaults resolved
                     "frozen": sorted(n for n, p in self.named_parameters() if not p.requires_grad)[:64],
                     # the parts kept frozen as configured (overrides included): what the regime block reports
                     **({"freeze": list(self.hparams["freeze"] or [])} if "freeze" in self.hparams else {}),

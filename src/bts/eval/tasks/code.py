@@ -15,17 +15,8 @@ from bts.core.io import BTSError
 from bts.eval.humaneval import STOP_SEQUENCES, check_completion, read_problems
 from bts.eval.metrics import line_char_spans
 from bts.eval.sandbox import require_isolation
+from bts.eval.tasks import scoring
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
-from bts.eval.tasks.scoring import (
-    MC_COMMON,
-    MCItem,
-    mc_item,
-    norm_extras,
-    pick_distractors,
-    run_mc,
-    run_span,
-    token_lengths,
-)
 
 TASKS = {
     "code_next_line_em": TaskInfo(
@@ -48,7 +39,7 @@ TASKS = {
         "Log-likelihood multiple choice (accuracy %, chance 25) of the next line of held-out standard-library "
         "functions: prompt = the first k non-blank lines (k >= 1, seeded, context permitting), 4 candidates = the "
         "true next line and 3 lines of other test functions with the same indentation (each after the true "
-        "newline/indentation). " + MC_COMMON,
+        "newline/indentation). " + scoring.MC_COMMON,
         chance=25.0, scoring="mc",
     ),
 }
@@ -58,7 +49,7 @@ def _line_indent(text: str, start: int) -> str:
     return text[text.rfind("\n", 0, start) + 1: start]
 
 
-def code_mc_items(ctx: Context) -> list[MCItem]:
+def code_mc_items(ctx: Context) -> list[scoring.MCItem]:
     """One item per held-out code document (in seeded order, until ``code_mc_items``): a seeded non-blank line
     ``k >= 1`` whose prompt (the text up to the end of line ``k - 1``) and line fit the context."""
     cfg = ctx.cfg
@@ -70,8 +61,8 @@ def code_mc_items(ctx: Context) -> list[MCItem]:
         for a, b in sp:
             pool.setdefault(_line_indent(t, a), []).append((i, t[a:b]))
     rng = ctx.rng("code_mc")
-    lengths = token_lengths(ctx, " ")
-    items: list[MCItem] = []
+    lengths = scoring.token_lengths(ctx, " ")
+    items: list[scoring.MCItem] = []
     for i in ctx.sample(list(range(len(recs))), len(recs), "code_mc"):
         if len(items) >= cfg.code_mc_items:
             break
@@ -85,11 +76,11 @@ def code_mc_items(ctx: Context) -> list[MCItem]:
         k = rng.choice(fits)
         (_, prev_end), (a, b) = sp[k - 1], sp[k]
         indent = _line_indent(text, a)
-        wrong = pick_distractors(text[a:b], [c for j, c in pool[indent] if j != i], cfg.mc_choices - 1, rng,
+        wrong = scoring.pick_distractors(text[a:b], [c for j, c in pool[indent] if j != i], cfg.mc_choices - 1, rng,
                                  cfg.mc_near, lengths=lengths)
         if wrong is None:
             continue
-        item = mc_item(ctx, rng, ctx.prefix, text[:prev_end], text[prev_end:a], text[a:b], wrong,
+        item = scoring.mc_item(ctx, rng, ctx.prefix, text[:prev_end], text[prev_end:a], text[a:b], wrong,
                        group=repr(indent))
         if item is not None:
             items.append(item)
@@ -135,14 +126,14 @@ def run(ctx: Context, names: list[str]) -> TaskOutput:
     out = TaskOutput()
     if "code_next_line_em" in names:
         recs = ctx.sample(ctx.load("code"), ctx.cfg.code_items, "code_next_line")
-        out.update(run_span(ctx, "code_next_line_em", recs, line_char_spans))
+        out.update(scoring.run_span(ctx, "code_next_line_em", recs, line_char_spans))
     if "humaneval_pass1" in names:
         passed, out.formats["humaneval"] = _humaneval(ctx)
         out.add_cell("humaneval_pass1", passed, [1] * len(passed))
     if "code_mc_acc" in names:
-        out.update(run_mc(ctx, "code_mc_acc", code_mc_items(ctx)))
+        out.update(scoring.run_mc(ctx, "code_mc_acc", code_mc_items(ctx)))
     return out
 
 
-FAMILY = register(TaskFamily("code", TASKS, run, extra=norm_extras(TASKS),
+FAMILY = register(TaskFamily("code", TASKS, run, extra=scoring.norm_extras(TASKS),
                              mc_builders={"code_mc_acc": code_mc_items}, order=30))

@@ -7,17 +7,8 @@ import re
 from bisect import bisect_right
 
 from bts.eval.metrics import word_char_spans
+from bts.eval.tasks import scoring
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
-from bts.eval.tasks.scoring import (
-    MC_COMMON,
-    MCItem,
-    mc_item,
-    norm_extras,
-    pick_distractors,
-    run_mc,
-    run_span,
-    token_lengths,
-)
 
 TASKS = {
     "general_next_word_acc": TaskInfo(
@@ -32,7 +23,7 @@ TASKS = {
         "Log-likelihood cloze multiple choice (accuracy %, chance 25) on held-out general paragraphs: prompt = a "
         "paragraph up to a seeded word (at least `general_mc_words` words in), 4 candidates = its next "
         "`general_mc_words` (8) words and 3 runs of as many words from other test paragraphs (single-space "
-        "separated). " + MC_COMMON,
+        "separated). " + scoring.MC_COMMON,
         chance=25.0, scoring="mc",
     ),
 }
@@ -49,7 +40,7 @@ def _word_runs(text: str, n_words: int) -> tuple[list[re.Match], list[int]]:
     return words, starts
 
 
-def general_mc_items(ctx: Context) -> list[MCItem]:
+def general_mc_items(ctx: Context) -> list[scoring.MCItem]:
     """One cloze item per held-out paragraph (seeded order, until ``general_mc_items``): the prompt is the
     paragraph up to a seeded word ``j >= general_mc_words``, the truth its next ``general_mc_words`` words, the
     distractors runs of as many words at seeded positions of other paragraphs (one candidate run per paragraph)."""
@@ -59,8 +50,8 @@ def general_mc_items(ctx: Context) -> list[MCItem]:
     texts = [str(r["text"]) for r in recs]
     runs = [_word_runs(t, n_words) for t in texts]
     rng = ctx.rng("general_mc")
-    lengths = token_lengths(ctx, " ")
-    items: list[MCItem] = []
+    lengths = scoring.token_lengths(ctx, " ")
+    items: list[scoring.MCItem] = []
     for i in ctx.sample(list(range(len(recs))), len(recs), "general_mc"):
         if len(items) >= cfg.general_mc_items:
             break
@@ -80,10 +71,10 @@ def general_mc_items(ctx: Context) -> list[MCItem]:
             if q != i and q_starts:
                 s = rng.choice(q_starts)
                 pool.append(" ".join(w.group() for w in q_words[s: s + n_words]))
-        wrong = pick_distractors(truth, pool, cfg.mc_choices - 1, rng, cfg.mc_near, lengths=lengths)
+        wrong = scoring.pick_distractors(truth, pool, cfg.mc_choices - 1, rng, cfg.mc_near, lengths=lengths)
         if wrong is None:
             continue
-        item = mc_item(ctx, rng, ctx.prefix, text[: words[j - 1].end()], " ", truth, wrong)
+        item = scoring.mc_item(ctx, rng, ctx.prefix, text[: words[j - 1].end()], " ", truth, wrong)
         if item is not None:
             items.append(item)
     return items
@@ -93,11 +84,11 @@ def run(ctx: Context, names: list[str]) -> TaskOutput:
     out = TaskOutput()
     if "general_next_word_acc" in names:
         recs = ctx.sample(ctx.load("general"), ctx.cfg.general_items, "general_next_word")
-        out.update(run_span(ctx, "general_next_word_acc", recs, word_char_spans))
+        out.update(scoring.run_span(ctx, "general_next_word_acc", recs, word_char_spans))
     if "general_mc_acc" in names:
-        out.update(run_mc(ctx, "general_mc_acc", general_mc_items(ctx)))
+        out.update(scoring.run_mc(ctx, "general_mc_acc", general_mc_items(ctx)))
     return out
 
 
-FAMILY = register(TaskFamily("general", TASKS, run, extra=norm_extras(TASKS),
+FAMILY = register(TaskFamily("general", TASKS, run, extra=scoring.norm_extras(TASKS),
                              mc_builders={"general_mc_acc": general_mc_items}, order=40))

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from bts.core.io import BTSError
 from bts.eval.metrics import normalize_math_answer
+from bts.eval.tasks import scoring
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
-from bts.eval.tasks.scoring import (
-    MC_COMMON,
-    MCItem,
-    mc_item,
-    norm_extras,
-    pick_distractors,
-    run_mc,
-    token_lengths,
-)
 
 TASKS = {
     "math_em": TaskInfo(
@@ -34,7 +26,7 @@ TASKS = {
         "Log-likelihood multiple choice (accuracy %, chance 25) on held-out math problems, `math_shots`-shot as "
         "math_em, prompt `Question: <q>\\nAnswer:`; 4 candidates ` <answer>` + EOS: the true answer and 3 answers "
         "of other test problems of the same module (distinct after normalize_math_answer; items without 3 such "
-        "answers are skipped). " + MC_COMMON,
+        "answers are skipped). " + scoring.MC_COMMON,
         chance=25.0, scoring="mc",
     ),
 }
@@ -63,7 +55,7 @@ def _setup(ctx: Context) -> tuple[int, list[int], list[dict]]:
     return k, shot_ids, order[k:]
 
 
-def math_mc_items(ctx: Context) -> list[MCItem]:
+def math_mc_items(ctx: Context) -> list[scoring.MCItem]:
     """One item per scorable problem in scoring order, until ``math_mc_items``; distractors from the same
     module."""
     cfg = ctx.cfg
@@ -72,8 +64,8 @@ def math_mc_items(ctx: Context) -> list[MCItem]:
     for r in order:  # the scorable records: the few-shot answers (in every prompt) are never distractors
         by_module.setdefault(str(r.get("module", "")), []).append(str(r["answer"]).strip())
     rng = ctx.rng("math_mc")
-    lengths = token_lengths(ctx, " ")
-    items: list[MCItem] = []
+    lengths = scoring.token_lengths(ctx, " ")
+    items: list[scoring.MCItem] = []
     for rec in order:
         if len(items) >= cfg.math_mc_items:
             break
@@ -81,10 +73,10 @@ def math_mc_items(ctx: Context) -> list[MCItem]:
         text = str(rec.get("text", "")).rstrip()
         sep = text[len(prompt): len(text) - len(ref)] if text.startswith(prompt) and text.endswith(ref) else " "
         module = str(rec.get("module", ""))
-        wrong = pick_distractors(ref, by_module[module], cfg.mc_choices - 1, rng, cfg.mc_near,
+        wrong = scoring.pick_distractors(ref, by_module[module], cfg.mc_choices - 1, rng, cfg.mc_near,
                                  key=normalize_math_answer, lengths=lengths)
         if wrong is not None:
-            item = mc_item(ctx, rng, ctx.prefix + shot_ids, prompt, sep, ref, wrong, end_doc=True, group=module)
+            item = scoring.mc_item(ctx, rng, ctx.prefix + shot_ids, prompt, sep, ref, wrong, end_doc=True, group=module)
             if item is not None:
                 items.append(item)
     return items
@@ -104,9 +96,9 @@ def run(ctx: Context, names: list[str]) -> TaskOutput:
         out.add_cell("math_em", hits, [1] * len(hits))
     out.formats["math"] = f"{k}-shot; " + (repr(math_prompt(order[0])[0]) if order else "")
     if "math_mc_acc" in names:
-        out.update(run_mc(ctx, "math_mc_acc", math_mc_items(ctx)))
+        out.update(scoring.run_mc(ctx, "math_mc_acc", math_mc_items(ctx)))
     return out
 
 
-FAMILY = register(TaskFamily("math", TASKS, run, extra=norm_extras(TASKS),
+FAMILY = register(TaskFamily("math", TASKS, run, extra=scoring.norm_extras(TASKS),
                              mc_builders={"math_mc_acc": math_mc_items}, order=10))

@@ -18,16 +18,8 @@ from collections.abc import Mapping, Sequence
 from bts.core.io import BTSError
 from bts.eval.metrics import bleu, chrf, chrf_from_statistics, chrf_statistics
 from bts.eval.stats import resample_ci
+from bts.eval.tasks import scoring
 from bts.eval.tasks.base import Context, TaskFamily, TaskInfo, TaskOutput, register
-from bts.eval.tasks.scoring import (
-    MC_COMMON,
-    MCItem,
-    mc_item,
-    norm_extras,
-    pick_distractors,
-    run_mc,
-    token_lengths,
-)
 
 LANG_NAMES = {
     "en": "English", "nl": "Dutch", "es": "Spanish", "pt": "Portuguese", "vi": "Vietnamese",
@@ -50,13 +42,13 @@ TASKS = {
         "translation", "multilingual", "Transl. S MC acc.",
         "Log-likelihood multiple choice (accuracy %, chance 25), English->X: the translation prompt (same layout "
         "and 1-shot example as the chrF task) and 4 candidate X targets + EOS: the reference and the X sides of 3 "
-        "other test pairs of the same language; items round-robin over the languages. " + MC_COMMON,
+        "other test pairs of the same language; items round-robin over the languages. " + scoring.MC_COMMON,
         chance=25.0, scoring="mc",
     ),
     "translation_t_mc_acc": TaskInfo(
         "translation", "multilingual", "Transl. T MC acc.",
         "As translation_s_mc_acc for X->English: 4 candidate English targets (the reference and the English sides "
-        "of 3 other test pairs of the same language). " + MC_COMMON,
+        "of 3 other test pairs of the same language). " + scoring.MC_COMMON,
         chance=25.0, scoring="mc",
     ),
 }
@@ -72,7 +64,7 @@ EXTRA = {
         "SacreBLEU (13a, corpus-level, 0-100) of the X->English translations (not in avg).",
         parent="translation_t_chrf",
     ),
-    **norm_extras(TASKS),
+    **scoring.norm_extras(TASKS),
 }
 
 
@@ -169,7 +161,7 @@ def _prompt(ctx: Context, layout: tuple[str, str, str], shot: dict | None, rec: 
     return head, prompt, full[len(prompt):]
 
 
-def translation_mc_items(ctx: Context, src_is_en: bool) -> list[MCItem]:
+def translation_mc_items(ctx: Context, src_is_en: bool) -> list[scoring.MCItem]:
     """Items of ``translation_s_mc_acc`` (``src_is_en``) or ``translation_t_mc_acc``: round-robin over the
     languages until ``translation_mc_items``; items that cannot be built are skipped."""
     cfg = ctx.cfg
@@ -179,19 +171,19 @@ def translation_mc_items(ctx: Context, src_is_en: bool) -> list[MCItem]:
     # the one-shot example's target is in every prompt of its language: never a distractor
     targets = {lang: [str(r[side]) for r in recs if r is not shots.get(lang)] for lang, recs in by_lang.items()}
     rng = ctx.rng(f"translation_{'s' if src_is_en else 't'}_mc")
-    lengths = {lang: token_lengths(ctx, " ", layouts[lang][2]) for lang in layouts}
-    out: list[MCItem] = []
+    lengths = {lang: scoring.token_lengths(ctx, " ", layouts[lang][2]) for lang in layouts}
+    out: list[scoring.MCItem] = []
     for rec in order:
         if len(out) >= cfg.translation_mc_items:
             break
         lang = str(rec["lang"])
         truth = str(rec[side])
-        wrong = pick_distractors(truth, targets[lang], cfg.mc_choices - 1, rng, cfg.mc_near, key=str.strip,
+        wrong = scoring.pick_distractors(truth, targets[lang], cfg.mc_choices - 1, rng, cfg.mc_near, key=str.strip,
                                  lengths=lengths[lang])
         if wrong is None:
             continue
         head, prompt, sep = _prompt(ctx, layouts[lang], shots.get(lang), rec, src_is_en)
-        item = mc_item(ctx, rng, head, prompt, sep, truth, wrong, tail=layouts[lang][2], end_doc=True, group=lang)
+        item = scoring.mc_item(ctx, rng, head, prompt, sep, truth, wrong, tail=layouts[lang][2], end_doc=True, group=lang)
         if item is not None:
             out.append(item)
     return out
@@ -228,7 +220,7 @@ def run(ctx: Context, names: list[str]) -> TaskOutput:
             out.ci[name] = _chrf_ci(preds, refs, cfg) if preds else None
         name = f"translation_{direction}_mc_acc"
         if name in names:
-            out.update(run_mc(ctx, name, translation_mc_items(ctx, src_is_en)))
+            out.update(scoring.run_mc(ctx, name, translation_mc_items(ctx, src_is_en)))
     return out
 
 
