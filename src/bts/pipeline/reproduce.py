@@ -712,7 +712,7 @@ def write_figures(profile: Profile, results_dir: Path, threads: int | None) -> d
     write_loss_figures(runs / "logs", [s.name for s in profile.stages if s.kind == "fit"], results_dir / "figures")
     if not (runs / "bts" / "bts.json").is_file():
         return None
-    from bts.stitch.gates import analyze
+    from bts.stitch.gates.analysis import analyze
 
     before = torch.get_num_threads()
     if threads:
@@ -873,7 +873,7 @@ def gate_summary(runs: Path, threads: int | None) -> dict | None:
 
     import torch
 
-    from bts.stitch.gates import analyze
+    from bts.stitch.gates.analysis import analyze
 
     if not (Path(runs) / "bts" / "bts.json").is_file():
         return None
