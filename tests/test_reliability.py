@@ -94,7 +94,8 @@ def test_expert_changed_by_one_ulp_is_refused_and_override_recorded(tmp_path, fi
     assert manifest["allow_changed_models"] is True and manifest["trained_with_changed_models"] == ["math"]
     # the reproduction refuses too, and with --allow-changed-models its metrics entry carries the flag
     from bts.eval import suite
-    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.profile import Profile, StageSpec
+    from bts.pipeline.run import Pipeline
 
     monkeypatch.setattr(suite, "evaluate", lambda *a, **k: {"ppl": {}, "tasks": {}, "avg": 0.0})
     profile = Profile(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=[])
@@ -191,10 +192,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, fit_env):
 
 
 def test_reproduce_run_fit_resumes_from_last_checkpoint(tmp_path, monkeypatch):
-    """Pipeline.run_fit: an interrupted stage (record 'started', same hash) resumes from last.ckpt with
+    """A fit stage: an interrupted stage (record 'started', same hash) resumes from last.ckpt with
     weights_only=True; an unreadable last.ckpt or a changed config restarts the stage from scratch."""
     import bts.cli.lightning
-    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.profile import Profile, StageSpec
+    from bts.pipeline.run import Pipeline
 
     ckpt_dir, out_dir = tmp_path / "runs" / "ckpt" / "s", tmp_path / "runs" / "s"
     cfg = tmp_path / "s.yaml"
@@ -234,27 +236,31 @@ trainer:
     profile = Profile(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"), stages=[])
     stage = StageSpec(name="s", kind="fit", config=str(cfg))
 
+    def run_fit():  # as a new `bts reproduce` runs the stage (not evaluated)
+        pipe = Pipeline(profile, 0, progress=False)
+        return pipe.run_stage(stage, pipe.prepare(stage), evaluate=False)
+
     write_cfg(0.1)
     with pytest.raises(KeyboardInterrupt):
-        Pipeline(profile, 0, progress=False).run_fit(stage)
+        run_fit()
     crash["value"] = False
-    Pipeline(profile, 0, progress=False).run_fit(stage)  # a new `bts reproduce` resumes
+    run_fit()  # a new `bts reproduce` resumes
     assert calls[-1] == (str(ckpt_dir / "last.ckpt"), True) and resumed_marks == ["rerun", "resumed"]
-    assert Pipeline(profile, 0, progress=False).run_fit(stage) == out_dir and len(calls) == 2  # done: reused
+    assert run_fit() == out_dir and len(calls) == 2  # done: reused
 
     # interrupted again, but last.ckpt is truncated: restart from scratch (the checkpoint dir is cleared)
     write_cfg(0.2)
     crash["value"] = True
     with pytest.raises(KeyboardInterrupt):
-        Pipeline(profile, 0, progress=False).run_fit(stage)
+        run_fit()
     data = (ckpt_dir / "last.ckpt").read_bytes()
     (ckpt_dir / "last.ckpt").write_bytes(data[: len(data) // 2])
     crash["value"] = False
-    Pipeline(profile, 0, progress=False).run_fit(stage)
+    run_fit()
     assert calls[-1] == (None, True)
     # a changed config never resumes another config's checkpoint
     write_cfg(0.3)
-    Pipeline(profile, 0, progress=False).run_fit(stage)
+    run_fit()
     assert calls[-1] == (None, True)
 
 

@@ -11,7 +11,10 @@ import pytest
 import yaml
 
 from bts.core.io import BTSError, exclusive_lock
-from bts.pipeline.reproduce import aggregate_seeds, load_profile, main
+from bts.eval.config import EvalConfig
+from bts.pipeline.command import main
+from bts.pipeline.profile import load_profile
+from bts.pipeline.summary import aggregate_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["seed", "expert_code", "expert_math", "expert_multilingual", "soup", "task_arithmetic", "ties", "btm",
@@ -113,6 +116,10 @@ def test_unknown_profile_and_bad_keys(tmp_path, monkeypatch):
     bad.write_text("profile: x\nruns_dir: r\nresults_dir: s\nstages: []\nbogus: 1\n")
     with pytest.raises(BTSError, match="unknown key 'bogus'"):
         load_profile(str(bad))
+    # a profile's eval settings load as the suite's EvalConfig
+    smoke = load_profile("smoke")
+    assert isinstance(smoke.eval, EvalConfig) and smoke.eval.ppl_blocks == 2 and smoke.eval.code_items == 2
+    assert load_profile("tiny").eval == EvalConfig()
 
 
 def test_concurrent_runs_are_refused(tmp_path):
@@ -130,7 +137,8 @@ def test_seed_aggregation_mean_and_std():
 
 
 def test_parallel_stage_failure_names_the_stage_and_stops_dependants(tmp_path):
-    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.profile import Profile, StageSpec
+    from bts.pipeline.run import Pipeline
 
     stages = [StageSpec(name="bad", kind="command", args=["merge", "--config", str(tmp_path / "missing.yaml")]),
               StageSpec(name="after_bad", kind="command", args=["merge", "--config", "x.yaml"], after=["bad"])]
@@ -154,7 +162,7 @@ def test_stage_workers_die_with_the_pipeline_process():
     script = (
         "import multiprocessing as mp, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from bts.pipeline.reproduce import _die_with_parent\n"
+        "from bts.pipeline.scheduler import _die_with_parent\n"
         "if __name__ == '__main__':\n"
         "    pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_die_with_parent)\n"
         "    pool.submit(time.sleep, 120)\n"
@@ -181,13 +189,15 @@ def test_stage_workers_die_with_the_pipeline_process():
                                     "configs/baselines/btx_top2.yaml", "configs/bts/tiny.yaml"])
 def test_each_seed_varies_init_and_data_order(tmp_path, config):
     # seed_everything alone leaves the configs' own seeds (weight/router init, data order) fixed
-    from bts.pipeline.reproduce import Pipeline, Profile, StageSpec
+    from bts.pipeline.profile import Profile, StageSpec
+    from bts.pipeline.run import Pipeline
+    from bts.pipeline.stages import fit_args
 
     profile = Profile(profile="p", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "r"), stages=[])
     stage = StageSpec(name="x", kind="fit", config=str(ROOT / config))
-    assert [a for a in Pipeline(profile, 0)._fit_args(stage, Path(stage.config))[0] if "seed" in a and "=" in a] == \
+    assert [a for a in fit_args(Pipeline(profile, 0), stage, Path(stage.config))[0] if "seed" in a and "=" in a] == \
         ["--seed_everything=0"]  # seed 0 runs the config as written
-    args = Pipeline(profile, 2)._fit_args(stage, Path(stage.config))[0]
+    args = fit_args(Pipeline(profile, 2), stage, Path(stage.config))[0]
     shifted = dict(a[2:].split("=") for a in args if "init_args." in a and "seed=" in a)
     assert "--seed_everything=2" in args and shifted["data.init_args.seed"] == "2"
     # every seed parameter of the module moves too, and a module `seed` equals the data `seed` (Lightning merges

@@ -202,9 +202,10 @@ def test_no_network_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_smol_profiles(monkeypatch):
-    from bts.pipeline import reproduce
+    from bts.pipeline.command import check_accelerator
+    from bts.pipeline.profile import load_profile
 
-    smol, smoke = reproduce.load_profile("smol"), reproduce.load_profile("smol_smoke")
+    smol, smoke = load_profile("smol"), load_profile("smol_smoke")
     assert [s.name for s in smoke.stages] == [s.name for s in smol.stages] and smol.tokenizer_stage == "seed"
     assert smol.stages[0].args[:1] == ["import-gguf"] and not smol.stages[0].after
     # the smoke profile keeps every stage and the real weights, and only shrinks sizes: its overrides name no
@@ -217,8 +218,8 @@ def test_smol_profiles(monkeypatch):
     # the GPU profile on a machine without a GPU is refused up front, naming the CPU profile
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(BTSError, match="--profile smol_smoke on CPU"):
-        reproduce.check_accelerator(smol)
-    reproduce.check_accelerator(smoke)
+        check_accelerator(smol)
+    check_accelerator(smoke)
 
 
 def test_lm_eval_adapter_on_the_local_tasks_matches_a_direct_computation(smol_dir, smol, smol_tok, tmp_path):

@@ -69,8 +69,8 @@ def test_profile_sweep_points_are_valid_and_distinct(sweep):
     gets its own name (its own run directory)."""
     import itertools
 
+    from bts.pipeline.profile import load_profile
     from bts.pipeline.regime_sweep import _parse_key
-    from bts.pipeline.reproduce import load_profile
 
     spec = load_sweep(sweep)
     stages = {s.name for s in load_profile(str(ROOT / "configs/reproduce/tiny.yaml")).stages}

@@ -23,8 +23,8 @@ which is the point. The per-item cell is a block: ``num`` = summed token NLL of 
 ``bts.eval.stats.paired_ci`` compares methods block by block. Cells: ``switch:<A>>B>`` per type and ``switch:all``
 (every block of every type: the pooled post-switch tokens).
 
-The gate analysis (``bts.stitch.gates.switch_prompts``) draws its context-switching prompts with ``switch_blocks_of``, so
-the gate figures show the same kind of block that is scored here.
+The gate analysis (``bts.stitch.gates.prompts.switch_prompts``) draws its context-switching prompts with
+``switch_blocks_of``, so the gate figures show the same kind of block that is scored here.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -290,6 +291,14 @@ def settings() -> dict:
     from bts.core.hub_kernels import hub_kernels_enabled
 
     return {"hub_kernels": hub_kernels_enabled()}
+
+
+def git_commit() -> str:
+    """The project's commit (``git rev-parse HEAD`` in the working directory), or ``"unknown"``."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------ collect

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bts.core.io import BTSError, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock
 from bts.data.domains import DOMAINS, EXPERT_DOMAINS
+from bts.pipeline.run import Pipeline
 from bts.pipeline.sweep_config import point_name
 from bts.stitch.ceiling import ceiling_of
 
@@ -74,8 +75,6 @@ def regime_table(name: str, points: dict) -> str:
 
 
 def run_profile_sweep(sweep: dict, profile, jobs: int, progress: bool = True) -> int:
-    from bts.pipeline.reproduce import Pipeline
-
     by_name = {s.name: s for s in profile.stages}
     missing = [s for s in sweep["stages"] if s not in by_name]
     if missing:

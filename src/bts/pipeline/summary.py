@@ -7,18 +7,25 @@
 - ``claims``: ``bts.pipeline.claims.check_claims`` (paired over seeds);
 - ``regime``: the premises of the paper's regime, measured (seed tokens per parameter, expert lr and tokens
   relative to the seed's, each expert's own-domain gain and head-drift ceiling), with the paper's values.
+
+``build_metrics`` assembles the whole ``metrics.json`` from every seed's ``Pipeline.run()``: floats are the mean over
+seeds with a sibling ``<key>_std`` (``aggregate_seeds``), then the fields above, the model sizes, ``env`` and timings.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
-from bts.data.domains import EXPERT_DOMAINS
+from bts.data.domains import DOMAINS, EXPERT_DOMAINS
 from bts.eval.stats import multi_seed_cell_ci
+from bts.pipeline.claims import check_claims
+from bts.pipeline.env import collect_env, git_commit
 from bts.stitch.ceiling import ceiling_of
 
 PAPER_STITCH_TOKENS = 15e9
@@ -35,6 +42,108 @@ PAPER_REGIME = {
     "ceiling": "≈ 1 (the hub's head reads the experts: lr 5e-6 barely moves heads)",
     "stitch_tokens_per_param": PAPER_STITCH_TOKENS / PAPER_STITCH_PARAMS,
 }
+
+
+def build_metrics(profile: str, outs: Sequence[Mapping], runs_dirs: Sequence[Path], gates: Sequence[dict | None], *,
+                  jobs: int, started: float, allow_changed_models: bool = False) -> dict:
+    """``metrics.json`` of a reproduction from every seed's ``Pipeline.run()`` output, run directory and gate
+    analysis (seed 0 first); ``started``: ``time.perf_counter()`` when the reproduction started."""
+    per_seed, per_seed_items, timings = [], [], {}
+    for s, out in enumerate(outs):
+        entries, items = {}, {}
+        for kind in ("methods", "ablations"):
+            entries[kind] = {}
+            for name, entry in out[kind].items():
+                entries[kind][name], items[name] = split_items(entry)
+        per_seed.append(entries)
+        per_seed_items.append(items)
+        timings[f"seed{s}"] = {k: round(v, 1) for k, v in out["timings"].items()}
+    chance = {}
+    for entries in per_seed:
+        for e in entries["methods"].values():
+            chance.update(e.pop("chance", {}) or {})
+        for e in entries["ablations"].values():
+            e.pop("chance", None)
+    merged = aggregate_seeds(per_seed)
+    for kind in ("methods", "ablations"):
+        add_cell_cis(merged[kind], per_seed_items)
+    no_signal_tasks = no_signal(merged["methods"], chance)
+    tasks = sorted({t for e in merged["methods"].values() for t in e.get("tasks", {}) if not t.endswith("_std")})
+    # the average (and the claims on it) covers the tasks with signal that every method was scored on
+    signal = [t for t in tasks if t not in no_signal_tasks
+              and all(t in e.get("tasks", {}) for e in merged["methods"].values())]
+    for entries in per_seed:  # avg over the tasks with signal, per seed, then mean ± std like every other float
+        for kind in ("methods", "ablations"):
+            for e in entries[kind].values():
+                set_avg(e, signal)
+    avg = aggregate_seeds(per_seed)
+    for kind in ("methods", "ablations"):
+        for name, e in merged[kind].items():
+            e["avg"] = avg[kind][name].get("avg")
+            if "avg_std" in avg[kind][name]:
+                e["avg_std"] = avg[kind][name]["avg_std"]
+    config = {**model_config_summary(Path(runs_dirs[0])), "domains": list(DOMAINS)}
+    metrics = {
+        "profile": profile,
+        "seeds": list(range(len(outs))),
+        "git_commit": git_commit(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "jobs": jobs,
+        "config": config,
+        "regime": regime(runs_dirs, merged["methods"]),
+        "chance": {t: chance[t] for t in tasks if t in chance},
+        "no_signal_tasks": no_signal_tasks,
+        "methods": merged["methods"],
+        "ablations": merged["ablations"],
+        "claims": check_claims(per_seed_items, signal, gates),
+        "env": _env(Path(runs_dirs[0]), merged),
+        "stage_seconds": timings,
+    }
+    if allow_changed_models:
+        metrics["allow_changed_models"] = True
+    return metrics
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every float; a sibling '<key>_std' holds the standard deviation (docs/design.md §6)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+
+    def agg(values):
+        first = values[0]
+        if isinstance(first, dict):
+            out = {}
+            for k in first:
+                vals = [v[k] for v in values if k in v]
+                out[k] = agg(vals)
+                if isinstance(first[k], float):
+                    mean = sum(vals) / len(vals)
+                    out[f"{k}_std"] = math.sqrt(sum((x - mean) ** 2 for x in vals) / max(1, len(vals) - 1))
+            return out
+        if isinstance(first, float):
+            return sum(values) / len(values)
+        return first
+
+    return agg(per_seed)
+
+
+def model_config_summary(runs: Path) -> dict:
+    """Sizes of the seed (and of the BTS model, when there is one) of a run directory: ``metrics.json["config"]``."""
+    cfg = json.loads((runs / "seed" / "config.json").read_text())
+    summary = {"d_model": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "vocab_size": cfg["vocab_size"]}
+    bts_manifest = runs / "bts" / "bts.json"
+    if bts_manifest.is_file():
+        m = json.loads(bts_manifest.read_text())
+        summary |= {"n_experts": m["n_experts"], "stitch_layers": m["stitch_config"]["num_stitch_layers"],
+                    "stitch_init": m["stitch_config"]["init"]}
+    return summary
+
+
+def _env(runs: Path, merged: dict) -> dict:
+    """The ``env`` block: package versions, machine, matmul peak, hashes of data, tokenizer and models."""
+    names = [*merged["methods"], *merged["ablations"]]
+    models = {n: runs / n for n in names if (runs / n).is_dir()}
+    return collect_env(models=models, tokenizer_dir=runs / "tokenizer")
 
 
 def split_items(entry: dict) -> tuple[dict, dict]:

@@ -22,7 +22,8 @@ from bts.core.io import (
     ensure_writable_dir,
     exclusive_lock,
 )
-from bts.pipeline.reproduce import Pipeline, StageSpec, load_profile
+from bts.pipeline.profile import StageSpec, load_profile
+from bts.pipeline.run import Pipeline
 from bts.pipeline.sweep_config import load_sweep, point_config, point_name
 
 

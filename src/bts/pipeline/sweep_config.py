@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from bts.core.io import BTSError
-from bts.pipeline.reproduce import DEFAULT_RUN_ROOT
+from bts.pipeline.profile import DEFAULT_RUN_ROOT
 
 SWEEP_KEYS = {"name", "base", "after", "grid", "family", "stages", "eval_tasks"}
 

@@ -7,5 +7,6 @@
 * :mod:`bts.stitch.checkpoint` — a stitch checkpoint: only ``stitch_*`` tensors plus the frozen models' hashes;
 * :mod:`bts.stitch.modularity` — remove or add an expert (paper §4.2, ``bts stitch-remove``);
 * :mod:`bts.stitch.ceiling` — the head-drift ceiling of an ideal last E2H layer (``bts ceiling``);
-* :mod:`bts.stitch.gates` — gate analysis of a trained model (paper §4.3, ``bts gates``).
+* :mod:`bts.stitch.gates` — gate analysis of a trained model (paper §4.3, ``bts gates``): tracing, prompts, summary,
+  figures, ``analyze`` and the command, one module each.
 """
