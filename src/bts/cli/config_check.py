@@ -48,7 +48,7 @@ def parse_command_line(argv: list[str]) -> tuple[list[str], list[tuple[str, str,
     return configs, overrides
 
 
-def _package_file(module: str) -> Path | None:
+def module_file(module: str) -> Path | None:
     """The source file of ``module`` found from its top-level package's location (nothing is imported)."""
     top, *rest = module.split(".")
     try:
@@ -81,7 +81,7 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 def find_class(class_path: str, depth: int = 0) -> tuple[ast.ClassDef, str, ast.Module] | None:
     """``(class node, module, module tree)`` of ``class_path``, following ``from ... import`` re-exports."""
     module, _, name = class_path.rpartition(".")
-    path = _package_file(module) if module else None
+    path = module_file(module) if module else None
     if path is None or depth > 2:
         return None
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -127,7 +127,7 @@ def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] |
         if isinstance(node, ast.ClassDef) and node.name in names:
             targets = [f"{module}.{node.name}"]
         elif isinstance(node, ast.ImportFrom):
-            is_pkg = (_package_file(module) or Path()).name == "__init__.py"
+            is_pkg = (module_file(module) or Path()).name == "__init__.py"
             targets = [f"{_absolute(module, is_pkg, node)}.{a.name}" for a in node.names
                        if (a.asname or a.name) in names]
         for target in targets:
