@@ -221,16 +221,17 @@ def _value(cfg: dict, overrides: list[tuple[str, str, str]], dotted: str):
     return node
 
 
-def check_accelerator(cfg: dict, overrides: list[tuple[str, str, str]]) -> None:
-    accel = str(_value(cfg, overrides, "trainer.accelerator") or "").lower()
+def check_accelerator(accelerator, setting: str, instead: str) -> None:
+    """The one check of a GPU accelerator on a machine without CUDA, before anything runs (a Lightning config here;
+    a reproduction profile, ``bts.pipeline.reproduce``, should call it too): ``setting`` names where the accelerator
+    was asked for, ``instead`` what to run instead. torch is imported only when a GPU is asked for."""
+    accel = str(accelerator or "").lower()
     if accel not in GPU_ACCELERATORS:
         return
     import torch
 
     if not torch.cuda.is_available():
-        raise BTSError(f"trainer.accelerator is '{accel}' but this machine has no CUDA device; to run this config on "
-                       "the CPU pass --trainer.accelerator cpu --trainer.devices 1 (and --trainer.precision 32-true if "
-                       "it sets a mixed precision)")
+        raise BTSError(f"{setting} is '{accel}' but this machine has no CUDA device; {instead}")
 
 
 def output_paths(cfg: dict, overrides: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -310,5 +311,7 @@ def precheck(argv: list[str]) -> list[str]:
     if argv[0] == "fit":
         for what, path in output_paths(cfg, overrides):
             writable_target(path, what)
-    check_accelerator(cfg, overrides)
+    check_accelerator(_value(cfg, overrides, "trainer.accelerator"), "trainer.accelerator",
+                      "to run this config on the CPU pass --trainer.accelerator cpu --trainer.devices 1 (and "
+                      "--trainer.precision 32-true if it sets a mixed precision)")
     return trained_target(argv, cfg, overrides)
