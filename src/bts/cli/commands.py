@@ -83,7 +83,17 @@ def one_line_help(command: Command) -> str:
     path = module_file(module)
     if path is None:
         return command.target
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    # parse only the docstring's surroundings: a whole module costs tens of ms, times every command
+    if command.legacy:
+        snippet = text[:text.find('"""', text.find('"""') + 3) + 3]
+    else:
+        start = text.find(f"\ndef {name}(") + 1
+        snippet = text[start:text.find("\ndef ", start) if "\ndef " in text[start:] else None] if start else text
+    try:
+        tree = ast.parse(snippet)
+    except SyntaxError:  # the slice ended inside something (a decorator of the next function)
+        tree = ast.parse(text)
     node = tree if command.legacy else next(
         (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
     doc = ast.get_docstring(node) if node is not None else None
@@ -92,7 +102,8 @@ def one_line_help(command: Command) -> str:
     first = doc.split("\n\n")[0].replace("\n", " ")
     if first.startswith("`bts ") and "`: " in first:  # a module docstring: "`bts x`: what it does"
         first = first.split("`: ", 1)[1]
-    return first.split(". ")[0].split("; ")[0].rstrip(".")
+    first = first.split(". ")[0]
+    return (first.split("; ")[0] if command.legacy else first).rstrip(".")
 
 
 def load(command: Command):
