@@ -11,11 +11,15 @@ import torch
 
 from baselines import load_merge_output
 from baselines.btm import BTMEnsemble
-from baselines.merge_command import main as merge_main
+from bts.cli.main import main as bts_main
 from bts.core.io import BTSError
 from bts.core.language_model import HFLanguageModel, greedy_or_sample_uncached
 from bts.core.params import ParamCounts, count_params
 from conftest import tiny_llama
+
+
+def merge_main(argv: list[str]) -> int:
+    return bts_main(["merge", *argv])
 
 
 def tokens(b=2, t=9, seed=0, vocab=97):

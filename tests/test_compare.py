@@ -6,7 +6,6 @@ import copy
 import json
 import shutil
 import subprocess
-from importlib.metadata import EntryPoint
 
 import pytest
 
@@ -60,17 +59,8 @@ def _write(path, metrics) -> str:
 
 
 @pytest.fixture
-def bts_cli(monkeypatch):
-    """`bts ...` through the real dispatcher, with the compare entry point registered (an editable install made
-    before the entry point was added lacks it)."""
-    real = cli._commands
-
-    def commands():
-        out = dict(real())
-        out["compare"] = EntryPoint(name="compare", value="bts.pipeline.compare:main", group="bts.commands")
-        return out
-
-    monkeypatch.setattr(cli, "_commands", commands)
+def bts_cli():
+    """`bts compare ...` through the real dispatcher (bts.cli.commands)."""
     return lambda *argv: cli.main(["compare", *map(str, argv)])
 
 

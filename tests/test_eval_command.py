@@ -7,10 +7,15 @@ import os
 
 import pytest
 
-from bts.eval.command import main
+from bts.cli.main import main as bts_main
 from bts.eval.suite import GENERATIVE_TASKS, TASKS, EvalConfig
 from bts.eval.testing import all_texts, synthetic_records, tiny_tokenizer
 from conftest import tiny_llama
+
+
+def main(argv: list[str]) -> int:
+    return bts_main(["eval", *argv])
+
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -119,7 +124,7 @@ def test_code_execution_refused_without_isolation(model_dir, tmp_path, capsys, m
         (["--model", "{d}", "--tasks", "ppl,mmlu"], "unknown task 'mmlu'"),
         (["--model", "{d}", "--set", "nope=1"], "unknown EvalConfig field"),
         (["--model", "{d}", "--set", "math_items"], "KEY=VALUE"),
-        (["--model", "{d}", "--seq-len", "abc"], "invalid int value"),
+        (["--model", "{d}", "--seq-len", "abc"], "--seq-len: Expected a <class 'int'>. Got value: abc"),
         (["--model", "{d}", "--tokenizer", "/nonexistent/tok"], "tokenizer directory not found"),
         (["--model", "{d}", "--harness-tasks", "x"], "need --harness"),
         (["--model", "{d}", "--harness"], "--harness needs --harness-tasks"),

@@ -294,12 +294,12 @@ def model_dir(tmp_path_factory):
     ("switch_fractions=0.01", "must leave at least one token on each side"),  # round(0.01 * 32) = 0
 ])
 def test_bad_switch_settings_are_one_error_line(model_dir, tmp_path, capsys, setting, msg):
-    from bts.eval.command import main
+    from bts.cli.main import main as bts_main
 
     d, jsonl = model_dir
     out = tmp_path / "m.json"
     capsys.readouterr()
-    rc = main(["--model", str(d), "--data", str(jsonl), "--tasks", "switch", "--seq-len", "32", "--set", setting,
+    rc = bts_main(["eval", "--model", str(d), "--data", str(jsonl), "--tasks", "switch", "--seq-len", "32", "--set", setting,
                "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err

@@ -20,9 +20,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from baselines.merge_command import main as merge_main
 from baselines.task_arithmetic import trim_magnitude
+from bts.cli.main import main as bts_main
 from conftest import perturbed_copy, tiny_llama
+
+
+def merge_main(argv: list[str]) -> int:
+    return bts_main(["merge", *argv])
+
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "baselines"
 LAMBDA = 0.7  # from the configs' λ grid

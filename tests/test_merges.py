@@ -17,11 +17,15 @@ from baselines.merge import (
     select_lambda,
     validation_loss,
 )
-from baselines.merge_command import main as merge_main
 from baselines.task_arithmetic import TaskArithmetic, elect_sign_mask, trim_magnitude
+from bts.cli.main import main as bts_main
 from bts.core.io import BTSError, state_dict_sha256
 from bts.core.params import ParamCounts, count_params
 from conftest import tiny_llama
+
+
+def merge_main(argv: list[str]) -> int:
+    return bts_main(["merge", *argv])
 
 
 def sd(model):
@@ -501,7 +505,7 @@ def test_command_refuses_to_overwrite_inputs_or_foreign_dirs(saved_llama_family,
     seed_dir, expert_dirs = saved_llama_family
     base = ["--method", "soup", "--seed", str(seed_dir), "--experts", *map(str, expert_dirs)]
     assert merge_main([*base, "--out", str(expert_dirs[0])]) == 2
-    assert "is one of the input models" in capsys.readouterr().err
+    assert "is one of the inputs" in capsys.readouterr().err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from bts.cli.main import main as bts_main
 from bts.core.io import BTSError
 from bts.stitch.checkpoint import MANIFEST, load_stitched, save_stitched
 from bts.stitch.model import StitchConfig, StitchedLM
-from bts.stitch.modularity import add_expert, main, new_slice_masks, remove_expert
+from bts.stitch.modularity import add_expert, new_slice_masks, remove_expert
 from conftest import perturbed_copy, tiny_llama
 
 NAMES = ["code", "math", "multilingual"]
@@ -91,10 +92,8 @@ def test_stitch_remove_cli(tmp_path, saved_llama_family, capsys):
         for p in model.stitch_layers.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     save_stitched(model, tmp_path / "bts")
-    assert (
-        main(["--ckpt", str(tmp_path / "bts"), "--expert", "multilingual", "--out", str(tmp_path / "rm")])
-        == 0
-    )
+    assert bts_main(["stitch-remove", "--ckpt", str(tmp_path / "bts"), "--expert", "multilingual",
+                     "--out", str(tmp_path / "rm")]) == 0
     manifest = json.loads((tmp_path / "rm" / MANIFEST).read_text())
     assert [e["name"] for e in manifest["experts"]] == ["code", "math"]
     assert manifest["derived_from"]["removed"] == "multilingual"
@@ -108,14 +107,12 @@ def test_stitch_remove_cli(tmp_path, saved_llama_family, capsys):
         (["--expert", "law"], "no expert named 'law'"),
         (["--expert", "seed"], "is the hub"),
     ]:
-        with pytest.raises(SystemExit) as e:
-            main(["--ckpt", str(tmp_path / "bts"), "--out", str(tmp_path / "x"), *argv])
-        assert e.value.code == 2
+        assert bts_main(["stitch-remove", "--ckpt", str(tmp_path / "bts"), "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1
-    with pytest.raises(SystemExit) as e:
-        main(["--ckpt", str(tmp_path / "nothing"), "--expert", "code", "--out", str(tmp_path / "x")])
-    assert e.value.code == 2 and "not a BTS stitch checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # help wins over a bad checkpoint path
-        main(["--help", "--ckpt", str(tmp_path / "nothing")])
-    assert e.value.code == 0 and capsys.readouterr().err == ""
+    assert bts_main(["stitch-remove", "--ckpt", str(tmp_path / "nothing"), "--expert", "code",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "not a BTS stitch checkpoint" in capsys.readouterr().err
+    # help wins over a bad checkpoint path
+    assert bts_main(["stitch-remove", "--help", "--ckpt", str(tmp_path / "nothing")]) == 0
+    assert capsys.readouterr().err == ""

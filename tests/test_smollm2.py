@@ -183,7 +183,8 @@ def test_import_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert bts_main(["import-gguf", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "mine")]) == 2
-    assert "not an earlier import" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").is_file()
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "--force" in err and (tmp_path / "mine" / "notes.txt").is_file()
     with pytest.raises(BTSError, match="unknown model 'nope'"):
         gguf_import.import_gguf(model="nope", cache_dir=tmp_path / "cache")
     # a --gguf that is not there

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from baselines.bam import BAMModel, build_bam, load_bam
 from baselines.btx import BTXModel, build_btx, export_mixtral, load_btx
 from baselines.merge import get_merge_method, load_merged, merge_models
-from baselines.merge_command import main as merge_main
 from baselines.upcycle import MixtralLM
+from bts.cli.main import main as bts_main
 from bts.core.io import BTSError
 from bts.dense.modeling import LlamaArch, load_causal_lm
 from bts.dense.module import CausalLMModule
@@ -27,6 +27,11 @@ from bts.stitch.checkpoint import WEIGHTS, load_stitched, save_stitched
 from bts.stitch.model import StitchedLM
 from bts.stitch.module import StitchModule
 from conftest import fit_random_batches, perturbed_copy
+
+
+def merge_main(argv: list[str]) -> int:
+    return bts_main(["merge", *argv])
+
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 VOCAB = 97

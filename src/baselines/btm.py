@@ -207,6 +207,7 @@ def write_btm_dir(
     expert_dirs: Sequence[str | Path],
     out_dir: str | Path,
     prior: Sequence[float] | None = None,
+    force: bool = False,
 ) -> dict:
     """Write a BTM ensemble directory (``btm.json`` + the seed's tokenizer files) atomically; returns the
     record. Members are referenced by absolute path and pinned by state-dict sha256 (no weights copied)."""
@@ -215,7 +216,7 @@ def write_btm_dir(
     if len(dirs) < 2:
         raise BTSError("at least one expert directory is required")
     check_model_dirs(dirs)
-    check_output_dir(out_dir, dirs, "btm.json")
+    check_output_dir(out_dir, dirs, "btm.json", force)
     _normalised_log_prior(prior, len(dirs))  # validate before loading anything
     members, counts = [], []
     vocab = set()

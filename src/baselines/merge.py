@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bts.core.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
+from bts.core.io import (
+    BTSError,
+    atomic_dir,
+    atomic_write_json,
+    check_output,
+    copy_tokenizer_files,
+    state_dict_sha256,
+)
 from bts.core.language_model import HFLanguageModel
 from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import load_causal_lm
@@ -315,16 +322,10 @@ def check_model_dirs(dirs: Sequence[Path]) -> None:
             raise BTSError(f"model directory not found: {d}")
 
 
-def check_output_dir(out_dir: Path, inputs: Sequence[Path], marker: str) -> None:
-    """Refuse to write onto an input model or over a directory that is not a previous output (``marker``)."""
-    out = Path(out_dir).resolve()
-    for d in inputs:
-        if Path(d).resolve() == out:
-            raise BTSError(f"output directory {out_dir} is one of the input models")
-    if out.exists() and not (out.is_dir() and (out / marker).is_file()):
-        if out.is_dir() and not any(out.iterdir()):
-            return
-        raise BTSError(f"refusing to overwrite {out_dir}: it exists and is not a previous merge output")
+def check_output_dir(out_dir: Path, inputs: Sequence[Path], marker: str, force: bool = False) -> None:
+    """Refuse to write onto an input model, or over a directory that is not a previous output (``marker``) unless
+    ``force``: the rule of every command's output (``bts.core.io.check_output``)."""
+    check_output(out_dir, "output directory", force=force, earlier=lambda p: (p / marker).is_file(), inputs=inputs)
 
 
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -341,6 +342,7 @@ def merge_models(
     weights: Sequence[float] | None = None,
     lambda_grid: Sequence[float] | None = None,
     evaluate: Callable[[HFLanguageModel], float] | None = None,
+    force: bool = False,
     **method_kwargs,
 ) -> dict:
     """Merge the seed and expert HF directories with ``method`` and write a HF directory to ``out_dir``.
@@ -348,7 +350,8 @@ def merge_models(
     ``method``: a :class:`MergeMethod` or a registry name (then ``method_kwargs`` build it).
     ``lambda_grid`` + ``evaluate`` (``LanguageModel -> validation loss``): pick λ with :func:`select_lambda`
     (only for :class:`ScaledMerge` methods); the chosen λ and all scores go into ``merge.json``.
-    Everything is checked before anything is written; the output directory appears atomically.
+    Everything is checked before anything is written; the output directory appears atomically, and replaces an
+    existing one only when it is an earlier merge output or ``force`` (``check_output_dir``).
     Returns the ``merge.json`` record.
     """
     if isinstance(method, str):
@@ -360,7 +363,7 @@ def merge_models(
     if not expert_dirs:
         raise BTSError("at least one expert directory is required")
     check_model_dirs([seed_dir, *expert_dirs])
-    check_output_dir(out_dir, [seed_dir, *expert_dirs], "merge.json")
+    check_output_dir(out_dir, [seed_dir, *expert_dirs], "merge.json", force)
     weights = method.check_weights(weights, len(expert_dirs))
     if lambda_grid is not None:
         if not isinstance(method, ScaledMerge):

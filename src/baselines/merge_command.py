@@ -13,18 +13,17 @@ directory (``btm.json``; ``--weights`` is then its prior) instead of merged weig
 ``--val-tokens`` (a ``.pt`` or ``.npy`` integer array ``[N, T]`` of the validation mix) and the best is kept;
 the scores go into ``merge.json``.
 
-User errors print one line ``error: ...`` on stderr and exit 2; the output directory is only ever created
-complete.
+User errors are a ``BTSError`` (``bts`` prints one line ``error: ...``, exit 2); the output directory is only ever
+created complete, and replaces an existing one only when that is an earlier merge output or with ``--force``. The
+options: ``merge_command``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from bts.core.io import BTSError, CommandParser
+from bts.core.io import BTSError, check_output
 
 OPTIONS = ("method", "seed", "experts", "out", "lambda", "density", "weights", "val_tokens", "batch_size", "device")
 DEFAULT_BATCH_SIZE = 8
@@ -34,41 +33,6 @@ def _method_names() -> list[str]:
     from baselines.merge import merge_method_names
 
     return merge_method_names() + ["btm"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    names = _method_names()
-    p = CommandParser(
-        prog="bts merge",
-        description="Merge a seed and its experts (soup, task arithmetic, TIES) into one Hugging Face model "
-        "directory, or write a BTM ensemble directory.",
-    )
-    p.add_argument("--method", metavar="{" + ",".join(names) + "}", help="merge method")
-    p.add_argument("--seed", metavar="DIR", help="seed model (Hugging Face directory)")
-    p.add_argument("--experts", metavar="DIR", nargs="+", help="expert model directories")
-    p.add_argument("--out", metavar="DIR", help="output directory (written atomically)")
-    p.add_argument(
-        "--lambda",
-        dest="lambda_",
-        metavar="L",
-        type=float,
-        nargs="+",
-        help="task vector scale (task_arithmetic, ties); several values = a grid chosen on --val-tokens",
-    )
-    p.add_argument("--density", type=float, help="fraction of each task vector kept by magnitude (ties)")
-    p.add_argument(
-        "--weights",
-        type=float,
-        nargs="+",
-        help="per-model weights: soup and btm (prior): seed first then experts; task_arithmetic/ties: one per expert",
-    )
-    p.add_argument("--val-tokens", metavar="FILE", help=".pt/.npy token ids [N, T] for choosing lambda")
-    p.add_argument(
-        "--batch-size", type=int, help=f"rows per forward when scoring lambda (default {DEFAULT_BATCH_SIZE})"
-    )
-    p.add_argument("--device", help="torch device that scores the lambda grid: cpu (default), cuda, or auto")
-    p.add_argument("--config", metavar="YAML", help="YAML with the same option names as keys")
-    return p
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -97,23 +61,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+def resolve_options(cli: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``--config`` overridden by those given on the command line (``cli``: None = not given)."""
     opts: dict[str, Any] = dict.fromkeys(OPTIONS)
-    if args.config:
-        opts.update(load_config(args.config))
-    cli = {
-        "method": args.method,
-        "seed": args.seed,
-        "experts": args.experts,
-        "out": args.out,
-        "lambda": args.lambda_,
-        "density": args.density,
-        "weights": args.weights,
-        "val_tokens": args.val_tokens,
-        "batch_size": args.batch_size,
-        "device": args.device,
-    }
-    opts.update({k: v for k, v in cli.items() if v is not None})
+    if cli.get("config"):
+        opts.update(load_config(cli["config"]))
+    opts.update({k: v for k, v in cli.items() if k in OPTIONS and v is not None})
     return _typed(opts)
 
 
@@ -185,8 +138,8 @@ def load_val_tokens(path: str | Path):
     return tokens.long()
 
 
-def run(opts: dict[str, Any]) -> str:
-    """Do the merge described by resolved options; returns a one-line summary."""
+def run(opts: dict[str, Any], force: bool = False) -> str:
+    """Do the merge described by resolved options; returns a one-line summary. ``force``: see ``merge_command``."""
     method = opts["method"]
     names = _method_names()
     if method not in names:
@@ -197,7 +150,7 @@ def run(opts: dict[str, Any]) -> str:
                 raise BTSError(f"method btm does not take option {key}")
         from baselines.btm import write_btm_dir
 
-        write_btm_dir(opts["seed"], opts["experts"], opts["out"], prior=opts["weights"])
+        write_btm_dir(opts["seed"], opts["experts"], opts["out"], prior=opts["weights"], force=force)
         return f"wrote BTM ensemble of {1 + len(opts['experts'])} models to {opts['out']}"
 
     from baselines.merge import ScaledMerge, get_merge_method, merge_models, validation_loss
@@ -235,6 +188,7 @@ def run(opts: dict[str, Any]) -> str:
         weights=opts["weights"],
         lambda_grid=grid,
         evaluate=evaluate,
+        force=force,
     )
     lam = record["hyperparameters"].get("lambda")
     extra = f" (lambda={lam:g})" if lam is not None else ""
@@ -254,21 +208,39 @@ def _quietly(fn, *args):
             hf_logging.enable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        parser = build_parser()
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help (0) or an argparse usage error (2, already printed)
-            return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
-        summary = _quietly(run, resolve_options(args))
-    except BTSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary)
+def is_merge_output(path: Path) -> bool:
+    """What ``bts merge`` wrote (a merged model or a BTM directory), which a rerun may replace."""
+    return (path / "merge.json").is_file() or (path / "btm.json").is_file()
+
+
+def merge_command(method: str | None = None, seed: str | None = None, experts: list[str] | None = None,
+                  out: str | None = None, lambda_: list[float] | None = None, density: float | None = None,
+                  weights: list[float] | None = None, val_tokens: str | None = None, batch_size: int | None = None,
+                  device: str | None = None, config: str | None = None, force: bool = False) -> int:
+    """build a merging baseline (soup, task arithmetic, TIES, BTM) from seed and expert directories
+
+    Merges a seed and its experts into one Hugging Face model directory, or writes a BTM ensemble directory
+    (--method btm). Every option can come from --config (a YAML with the option names as keys); the command line
+    overrides it.
+
+    Args:
+        method: merge method: soup, task_arithmetic, ties (baselines.merge) or btm
+        seed: seed model (Hugging Face directory)
+        experts: expert model directories
+        out: output directory (written atomically)
+        lambda_: task vector scale (task_arithmetic, ties); several values = a grid chosen on --val-tokens
+        density: fraction of each task vector kept by magnitude (ties)
+        weights: per-model weights: soup and btm (prior): seed first then experts; task_arithmetic/ties: one per
+            expert
+        val_tokens: .pt/.npy token ids [N, T] for choosing lambda
+        batch_size: rows per forward when scoring lambda (default 8)
+        device: torch device that scores the lambda grid: cpu (default), cuda, or auto
+        config: YAML with the same option names as keys
+    """
+    opts = resolve_options({"method": method, "seed": seed, "experts": experts, "out": out, "lambda": lambda_,
+                            "density": density, "weights": weights, "val_tokens": val_tokens,
+                            "batch_size": batch_size, "device": device, "config": config})
+    # before any model loads (merge_models and write_btm_dir check again, with the method's own marker)
+    check_output(opts["out"], "--out", force=force, earlier=is_merge_output, inputs=[opts["seed"], *opts["experts"]])
+    print(_quietly(run, opts, force))
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -48,7 +48,7 @@ def parse_command_line(argv: list[str]) -> tuple[list[str], list[tuple[str, str,
     return configs, overrides
 
 
-def _package_file(module: str) -> Path | None:
+def module_file(module: str) -> Path | None:
     """The source file of ``module`` found from its top-level package's location (nothing is imported)."""
     top, *rest = module.split(".")
     try:
@@ -81,7 +81,7 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 def find_class(class_path: str, depth: int = 0) -> tuple[ast.ClassDef, str, ast.Module] | None:
     """``(class node, module, module tree)`` of ``class_path``, following ``from ... import`` re-exports."""
     module, _, name = class_path.rpartition(".")
-    path = _package_file(module) if module else None
+    path = module_file(module) if module else None
     if path is None or depth > 2:
         return None
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -127,7 +127,7 @@ def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] |
         if isinstance(node, ast.ClassDef) and node.name in names:
             targets = [f"{module}.{node.name}"]
         elif isinstance(node, ast.ImportFrom):
-            is_pkg = (_package_file(module) or Path()).name == "__init__.py"
+            is_pkg = (module_file(module) or Path()).name == "__init__.py"
             targets = [f"{_absolute(module, is_pkg, node)}.{a.name}" for a in node.names
                        if (a.asname or a.name) in names]
         for target in targets:
@@ -221,16 +221,17 @@ def _value(cfg: dict, overrides: list[tuple[str, str, str]], dotted: str):
     return node
 
 
-def check_accelerator(cfg: dict, overrides: list[tuple[str, str, str]]) -> None:
-    accel = str(_value(cfg, overrides, "trainer.accelerator") or "").lower()
+def check_accelerator(accelerator, setting: str, instead: str) -> None:
+    """The one check of a GPU accelerator on a machine without CUDA, before anything runs (a Lightning config here,
+    a reproduction profile in ``bts.pipeline.command``): ``setting`` names where the accelerator
+    was asked for, ``instead`` what to run instead. torch is imported only when a GPU is asked for."""
+    accel = str(accelerator or "").lower()
     if accel not in GPU_ACCELERATORS:
         return
     import torch
 
     if not torch.cuda.is_available():
-        raise BTSError(f"trainer.accelerator is '{accel}' but this machine has no CUDA device; to run this config on "
-                       "the CPU pass --trainer.accelerator cpu --trainer.devices 1 (and --trainer.precision 32-true if "
-                       "it sets a mixed precision)")
+        raise BTSError(f"{setting} is '{accel}' but this machine has no CUDA device; {instead}")
 
 
 def output_paths(cfg: dict, overrides: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -310,5 +311,7 @@ def precheck(argv: list[str]) -> list[str]:
     if argv[0] == "fit":
         for what, path in output_paths(cfg, overrides):
             writable_target(path, what)
-    check_accelerator(cfg, overrides)
+    check_accelerator(_value(cfg, overrides, "trainer.accelerator"), "trainer.accelerator",
+                      "to run this config on the CPU pass --trainer.accelerator cpu --trainer.devices 1 (and "
+                      "--trainer.precision 32-true if it sets a mixed precision)")
     return trained_target(argv, cfg, overrides)

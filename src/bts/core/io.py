@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -255,7 +255,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
 
 def writable_target(path: str | os.PathLike, what: str) -> None:
     """Refuse ``path`` (a directory to be created or written) when its nearest existing ancestor is not a
-    writable directory; nothing is created."""
+    writable directory; nothing is left behind."""
     p = Path(path).absolute()
     probe = p
     while not probe.exists():
@@ -264,3 +264,57 @@ def writable_target(path: str | os.PathLike, what: str) -> None:
         raise BTSError(f"cannot create output directory {path} ({what}): {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BTSError(f"output directory {probe} is not writable ({what}: {path})")
+    try:  # root passes os.access everywhere, also on /proc or a read-only mount: try it for real
+        os.rmdir(tempfile.mkdtemp(prefix=".bts-probe.", dir=probe))
+    except OSError as e:
+        raise BTSError(f"output directory {probe} is not writable ({what}: {path}): {e.strerror or e}") from None
+
+
+FORCE_HELP = ("replace what is at the output even when it is not an earlier output of this command (e.g. a trained "
+              "model), and redo work that would be reused")
+"""The one meaning of ``--force`` in every project command (``check_output``)."""
+
+_ARTIFACT_MARKERS = (("bts.json", "a BTS stitch checkpoint"), ("artifact.json", "a model artifact"),
+                     ("config.json", "a model"), ("bts_tokenizer.json", "a trained tokenizer"),
+                     ("tokenizer.json", "a tokenizer"), ("metrics.json", "results"))
+
+
+def describe_dir(path: Path) -> str:
+    """What an existing directory holds, for a refusal message (``a BTS stitch checkpoint (bts.json)``)."""
+    for marker, what in _ARTIFACT_MARKERS:
+        if (path / marker).is_file():
+            return f"{what} ({marker})"
+    return "files that are not an earlier output of this command"
+
+
+def check_output(path: str | os.PathLike, what: str, *, force: bool = False,
+                 earlier: Callable[[Path], bool] | None = None, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """The one rule for a command's output directory (issue 23, nothing lost), checked before any work starts.
+
+    ``path`` must be creatable (its nearest existing ancestor a writable directory) and not one of ``inputs``. An
+    existing non-empty directory is replaced only when ``earlier(path)`` says it is an earlier output of the same
+    command (a rerun, e.g. a reproduce stage), or with ``--force`` (``FORCE_HELP``): never a trained model, a
+    checkpoint or a tokenizer by accident. Nothing is created here; the output itself is written atomically.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise BTSError(f"{what} {path} is a file, not a directory")
+    writable_target(out, what)
+    resolved = out.resolve()
+    for src in inputs:
+        if src is not None and Path(src).resolve() == resolved:
+            raise BTSError(f"{what} {path} is one of the inputs; choose another output directory")
+    if out.is_dir() and any(out.iterdir()) and not force and not (earlier is not None and earlier(out)):
+        raise BTSError(f"refusing to overwrite {path} ({what}): it holds {describe_dir(out)}; choose another "
+                       "output or pass --force to replace it")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """An output file (a JSON result, replaced atomically): not a directory, and its directory can be created and
+    written. Checked before any work starts."""
+    out = Path(path)
+    if out.is_dir():
+        raise BTSError(f"{what} {path} is a directory, not a file")
+    writable_target(out.absolute().parent, what)
+    return out

@@ -5,47 +5,60 @@ intended change of a builder: ``bts.data.digests``)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from bts.core.io import CommandParser, atomic_write_json
+from bts.core.io import TOKENIZER_META, atomic_write_json, check_output
 from bts.data import digests
 from bts.data.corpus import ensure_built, manifest
 from bts.data.domains import DOMAINS
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(prog="bts data", description=__doc__)
-    ap.add_argument("--cache-dir", help="cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), help="domains to build (default: all four)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
-    ap.add_argument("--tokenizer", metavar="DIR", help="also train the BPE tokenizer into DIR")
-    ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default 2048)")
-    ap.add_argument("--show", action="store_true", help="print the manifest summary")
-    ap.add_argument("--check-digests", action="store_true",
-                    help="compare the built corpus with the reference digests (exit 1 when they differ)")
-    ap.add_argument("--write-digests", action="store_true",
-                    help=f"write this Python minor version's entry of {digests.REFERENCE_FILE.name} from the built "
-                         "corpus (the other versions' entries are kept)")
-    args = ap.parse_args(argv)
-    if args.tokenizer:  # checked before the corpus is built and the tokenizer trained
-        from bts.core.io import writable_target
+def _same_recipe(vocab_size: int):
+    """An earlier ``bts data --tokenizer`` output of the same vocabulary size, which a rerun may reuse or rebuild;
+    any other tokenizer (or model) in the directory is a trained artifact that only ``--force`` replaces."""
+    def earlier(path: Path) -> bool:
+        try:
+            return json.loads((path / TOKENIZER_META).read_text(encoding="utf-8")).get("vocab_size") == vocab_size
+        except (OSError, ValueError, AttributeError):
+            return False
+    return earlier
 
-        writable_target(args.tokenizer, "--tokenizer")
-    data_dir = ensure_built(args.cache_dir, domains=args.domains, force=args.force)
+
+def data_command(cache_dir: str | None = None, domains: list[str] | None = None, force: bool = False,
+                 tokenizer: str | None = None, vocab_size: int = 2048, show: bool = False,
+                 check_digests: bool = False, write_digests: bool = False) -> int:
+    """build or check the embedded corpus; optionally train the tokenizer
+
+    Exit 1 when --check-digests finds a difference.
+
+    Args:
+        cache_dir: cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)
+        domains: domains to build (default: all four)
+        tokenizer: also train the BPE tokenizer into this directory
+        vocab_size: tokenizer vocabulary size
+        show: print the manifest summary
+        check_digests: compare the built corpus with the reference digests (exit 1 when they differ)
+        write_digests: write this Python minor version's entry of the reference digests file from the built corpus
+            (the other versions' entries are kept)
+    """
+    if tokenizer:  # checked before the corpus is built and the tokenizer trained
+        check_output(tokenizer, "--tokenizer", force=force, earlier=_same_recipe(vocab_size))
+    data_dir = ensure_built(cache_dir, domains=domains or list(DOMAINS), force=force)
     print(f"corpus ready: {data_dir}")
-    if args.tokenizer:
+    if tokenizer:
         from bts.data.tokenizer import train_tokenizer
 
-        train_tokenizer(args.tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir)
-        print(f"tokenizer written: {args.tokenizer}")
-    if args.show:
-        print(json.dumps(manifest(args.cache_dir), indent=2)[:4000])
-    if args.write_digests:
+        train_tokenizer(tokenizer, vocab_size=vocab_size, cache_dir=cache_dir, force=force)
+        print(f"tokenizer written: {tokenizer}")
+    if show:
+        print(json.dumps(manifest(cache_dir), indent=2)[:4000])
+    if write_digests:
         atomic_write_json(digests.REFERENCE_FILE,
-                          digests.with_entry(digests.make_reference(args.cache_dir), digests.load_references()))
+                          digests.with_entry(digests.make_reference(cache_dir), digests.load_references()))
         digests._load_file.cache_clear()
         print(f"wrote the Python {digests.python_minor()} entry of {digests.REFERENCE_FILE}")
-    elif args.check_digests:
-        result = digests.compare_to_reference(args.cache_dir)
+    elif check_digests:
+        result = digests.compare_to_reference(cache_dir)
         if result is None:
             print("nothing to compare (no reference file, or no corpus built)")
             return 0

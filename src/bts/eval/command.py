@@ -11,66 +11,19 @@ The first form runs ``bts.eval.suite.evaluate`` and writes one ``metrics.json`` 
 ``--tasks``: ``bts.eval.suite.DEFAULT_TASKS``, perplexity and the likelihood / teacher-forced metrics; the generation
 metrics run when named, e.g. ``--tasks math``). The second form delegates to
 ``lm_eval.simple_evaluate`` with the ``bts`` adapter (``bts.eval.harness``). Without ``--out`` the JSON goes to
-stdout. Bad input prints one line ``error: ...`` on stderr and exits 2; output files are written atomically,
-so a failed run leaves no partial file.
+stdout. Bad input is a ``BTSError`` (``bts.cli.main`` prints one line ``error: ...``, exit 2), an unwritable
+``--out`` is found before any model loads, and output files are written atomically, so a failed run leaves no
+partial file. The options: ``eval_command``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from bts.core.io import BTSError, CommandParser, atomic_write_text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from bts.eval.suite import DEFAULT_TASKS, GENERATIVE_TASKS, TASK_GROUPS
-
-    p = CommandParser(
-        prog="bts eval",
-        description="Evaluate a Hugging Face model directory with the BTS suite (held-out perplexity + downstream "
-        "tasks) or, with --harness, with lm-evaluation-harness.",
-        epilog="suite tasks: ppl, switch (perplexity after a mid-block domain switch), " + ", ".join(f"{g} ({', '.join(m)})" for g, m in TASK_GROUPS.items())
-        + ". Metric definitions: bts.eval.suite.TASKS. 'avg' is the mean of the downstream metrics that ran. "
-        + f"The generation metrics ({', '.join(GENERATIVE_TASKS)}) are not in the default list (no signal at the "
-        "tiny scale); a group name (e.g. --tasks ppl,math,translation,code) or a metric name runs them.",
-    )
-    p.add_argument("--model", required=True,
-                   help="model artifact: a Hugging Face directory or any directory the project writes with an "
-                   "artifact.json (BTS stitch checkpoint, BTM, expert routing, BAM adapters, BTX/BAM)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    p.add_argument("--allow-changed-models", action="store_true",
-                   help="BTS checkpoints: use frozen models whose weights differ from the checkpoint manifest")
-    p.add_argument("--out", help="write the JSON here (atomically) instead of stdout")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
-    suite = p.add_argument_group("suite (default mode)")
-    suite.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                       help="comma-separated: ppl, switch and task groups or metric names (default: %(default)s)")
-    suite.add_argument("--cache-dir", help="data cache directory (bts.data)")
-    suite.add_argument("--data", help="JSONL file of test records (each with a 'domain' field) to use instead of "
-                       "the data layer's test splits")
-    suite.add_argument("--seq-len", type=int, default=128, help="perplexity block length / prompt context")
-    suite.add_argument("--seed", type=int, default=None, help="item-selection seed (EvalConfig.seed)")
-    suite.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override an EvalConfig field, e.g. --set math_items=64 (repeatable)")
-    suite.add_argument("--no-progress", action="store_true", help="no progress bars")
-    suite.add_argument("--allow-unsafe-exec", action="store_true",
-                       help="run HumanEval completions even where the code-execution sandbox is unavailable")
-    h = p.add_argument_group("lm-eval harness (--harness)")
-    h.add_argument("--harness", action="store_true", help="run lm-evaluation-harness tasks instead of the suite")
-    h.add_argument("--harness-tasks", help="comma-separated lm-eval task names (e.g. mmlu,gsm8k); built in and "
-                   "offline: bts_general_ppl, bts_code_ppl, bts_math_ppl, bts_multilingual_ppl")
-    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task's own)")
-    h.add_argument("--include-path", help="directory with extra lm-eval task YAMLs")
-    h.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction (<1)")
-    h.add_argument("--batch-size", type=int, default=1, help="rows per log-likelihood forward pass")
-    h.add_argument("--max-length", type=int, default=None, help="context length (default: model config)")
-    h.add_argument("--log-samples", action="store_true", help="include per-sample outputs in the JSON")
-    return p
+from bts.core.io import BTSError, atomic_write_text, check_output_file
 
 
 def _device(arg: str | None) -> str:
@@ -88,14 +41,6 @@ def _dtype(arg: str):
     if not isinstance(dt, torch.dtype):
         raise BTSError(f"unknown dtype {arg!r}")
     return dt
-
-
-def _check_out(path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path)
-    if out.is_dir():
-        raise BTSError(f"--out is a directory: {out}")
 
 
 def load_model_and_tokenizer(model_dir, tokenizer_dir=None, device: str = "cpu", dtype=None,
@@ -151,7 +96,7 @@ def _read_records(path) -> dict[str, list[dict]]:
 
 
 def _run_suite(args) -> dict:
-    from bts.eval.suite import EvalConfig, evaluate, resolve_tasks
+    from bts.eval.suite import DEFAULT_TASKS, EvalConfig, evaluate, resolve_tasks
 
     overrides = {}
     for item in args.set:
@@ -164,11 +109,12 @@ def _run_suite(args) -> dict:
     if args.allow_unsafe_exec:
         overrides["allow_unsafe_exec"] = "true"
     cfg = EvalConfig.from_overrides(overrides)
-    resolve_tasks(args.tasks)  # validate names before loading anything
+    tasks = args.tasks or ",".join(DEFAULT_TASKS)
+    resolve_tasks(tasks)  # validate names before loading anything
     data = _read_records(args.data) if args.data else None
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, _device(args.device), _dtype(args.dtype),
                                           args.allow_changed_models)
-    result = evaluate(model, tok, tasks=args.tasks, cfg=cfg, cache_dir=args.cache_dir, seq_len=args.seq_len,
+    result = evaluate(model, tok, tasks=tasks, cfg=cfg, cache_dir=args.cache_dir, seq_len=args.seq_len,
                       progress=not args.no_progress, data=data)
     result["info"]["model"] = str(args.model)
     result["info"]["config"] = cfg.to_dict()
@@ -247,43 +193,67 @@ def _load_tasks(tasks: list[str], tm) -> None:
     tm.load_task_or_group = lambda *_a, **_k: loaded
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def eval_command(model: str, tokenizer: str | None = None, allow_changed_models: bool = False,
+                 out: str | None = None, device: str | None = None, dtype: str = "float32",
+                 tasks: str | None = None, cache_dir: str | None = None, data: str | None = None, seq_len: int = 128,
+                 seed: int | None = None, set: list[str] | None = None, no_progress: bool = False,
+                 allow_unsafe_exec: bool = False, harness: bool = False, harness_tasks: str | None = None,
+                 num_fewshot: int | None = None, include_path: str | None = None, limit: float | None = None,
+                 batch_size: int = 1, max_length: int | None = None, log_samples: bool = False) -> int:
+    """evaluate any model artifact with the BTS suite, or with lm-evaluation-harness (--harness)
+
+    Suite tasks: ppl, switch (perplexity after a mid-block domain switch) and the task groups of
+    bts.eval.suite.TASK_GROUPS (math, translation, code, general) or their metric names; metric definitions:
+    bts.eval.suite.TASKS; 'avg' is the mean of the downstream metrics that ran. The generation metrics are not in
+    the default list (no signal at the tiny scale); a group name (e.g. --tasks ppl,math,translation,code) or a
+    metric name runs them. Without --out the JSON goes to stdout.
+
+    Args:
+        model: model artifact: a Hugging Face directory or any directory the project writes with an artifact.json
+            (BTS stitch checkpoint, BTM, expert routing, BAM adapters, BTX/BAM)
+        tokenizer: tokenizer directory (default: --model)
+        allow_changed_models: BTS checkpoints: use frozen models whose weights differ from the checkpoint manifest
+        out: write the JSON here (atomically) instead of stdout
+        device: torch device (default: cuda if available, else cpu)
+        dtype: model dtype (float32, bfloat16, float16)
+        tasks: suite: comma-separated ppl, switch and task groups or metric names (default: ppl, switch and the
+            likelihood / teacher-forced metrics, bts.eval.suite.DEFAULT_TASKS)
+        cache_dir: suite: data cache directory (bts.data)
+        data: suite: JSONL file of test records (each with a 'domain' field) to use instead of the data layer's
+            test splits
+        seq_len: suite: perplexity block length / prompt context
+        seed: suite: item-selection seed (EvalConfig.seed)
+        set: suite: override an EvalConfig field, KEY=VALUE, e.g. --set math_items=64 (repeatable)
+        no_progress: no progress bars
+        allow_unsafe_exec: suite: run HumanEval completions even where the code-execution sandbox is unavailable
+        harness: run lm-evaluation-harness tasks instead of the suite
+        harness_tasks: --harness: comma-separated lm-eval task names (e.g. mmlu,gsm8k); built in and offline:
+            bts_general_ppl, bts_code_ppl, bts_math_ppl, bts_multilingual_ppl
+        num_fewshot: --harness: few-shot examples (default: the task's own)
+        include_path: --harness: directory with extra lm-eval task YAMLs
+        limit: --harness: examples per task (int) or fraction (<1)
+        batch_size: --harness: rows per log-likelihood forward pass
+        max_length: --harness: context length (default: model config)
+        log_samples: --harness: include per-sample outputs in the JSON
+    """
+    args = SimpleNamespace(**locals())  # the helpers below read the options as attributes
+    args.set = set or []
+    if out is not None:  # before any model is loaded: a run that cannot write its result does not start
+        check_output_file(out, "--out")
+    if not harness and (harness_tasks or include_path or num_fewshot is not None):
+        raise BTSError("--harness-tasks/--include-path/--num-fewshot need --harness")
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr carries only our progress bars and the one-line error
     try:
-        parser = build_parser()
-        if any(a in ("-h", "--help") for a in argv):
-            parser.print_help()
-            return 0
-        args = parser.parse_args(argv)
-        _check_out(args.out)
-        if args.harness:
-            result = _run_harness(args)
-        else:
-            if args.harness_tasks or args.include_path or args.num_fewshot is not None:
-                raise BTSError("--harness-tasks/--include-path/--num-fewshot need --harness")
-            result = _run_suite(args)
-        text = json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
-        if args.out:
-            atomic_write_text(args.out, text)
-        else:
-            sys.stdout.write(text)
-        return 0
-    except BTSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        print(f"error: {e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else f"error: {e}",
-              file=sys.stderr)
-        return 2
+        result = _run_harness(args) if harness else _run_suite(args)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())
+    text = json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+    if out:
+        atomic_write_text(out, text)
+    else:
+        sys.stdout.write(text)
+    return 0

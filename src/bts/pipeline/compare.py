@@ -24,15 +24,14 @@ not bad input). Bad input (a missing file, unreadable JSON, an unknown git revis
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from bts.core.io import BTSError, CommandParser, atomic_write_json
+from bts.core.io import BTSError, atomic_write_json, check_output_file
 
 Z95 = 1.959963984540054
 REL_TOLERANCE = 0.02
@@ -389,35 +388,30 @@ def _json_safe(o):
     return o
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="bts compare",
-                description="Compare a reproduction's metrics.json with committed ones: which inputs (versions, CPU, "
-                            "data, tokenizer, models) differ, and which metrics fall outside the committed 95 % CI "
-                            "(else ± 1.96 seed std, else ± 2 %). Exit 0: all inside; 1: some outside; 2: bad input.")
-    p.add_argument("new", metavar="NEW", help="results directory holding metrics.json, or a metrics.json")
-    p.add_argument("--against", metavar="OLD",
-                   help="results directory, metrics.json, or git:REV (NEW's path in revision REV; default git:HEAD "
-                        "when NEW is inside a git repository)")
-    p.add_argument("--top", type=int, default=15, metavar="K", help="metric rows shown (default: %(default)s)")
-    p.add_argument("--json", metavar="PATH", help="also write the full comparison as JSON")
-    return p
+def compare_command(new: str, /, against: str | None = None, top: int = 15, json_: str | None = None) -> int:
+    """do a reproduction's numbers match the committed ones, and if not, which inputs differ?
 
+    Compares a reproduction's metrics.json with committed ones: which inputs (versions, CPU, data, tokenizer,
+    models) differ, and which metrics fall outside the committed 95 % CI (else ± 1.96 seed std, else ± 2 %).
+    Exit 0: all inside; 1: some outside; 2: bad input.
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        return 0
-    args = parser.parse_args(argv)
-    if args.top < 0:
+    Args:
+        new: results directory holding metrics.json, or a metrics.json
+        against: results directory, metrics.json, or git:REV (NEW's path in revision REV; default git:HEAD when NEW
+            is inside a git repository)
+        top: metric rows shown
+        json_: also write the full comparison as JSON to this file
+    """
+    if top < 0:
         raise BTSError("--top must be >= 0")
-    new, new_path = load_new(args.new)
-    old, old_label = load_old(args.against, new_path)
-    result = compare(new, old, str(new_path), old_label)
-    if args.json:
-        atomic_write_json(args.json, _json_safe(result))
-    sys.stdout.write(render(result, args.top))
+    if json_:
+        check_output_file(json_, "--json")
+    new_metrics, new_path = load_new(new)
+    old, old_label = load_old(against, new_path)
+    result = compare(new_metrics, old, str(new_path), old_label)
+    if json_:
+        atomic_write_json(json_, _json_safe(result))
+    sys.stdout.write(render(result, top))
     sys.stdout.flush()
     line = error_line(result)
     if line is None:
@@ -426,11 +420,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(line, file=sys.stderr)
     return 1
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m bts.pipeline.compare (same as `bts compare`)
-    try:
-        sys.exit(main())
-    except BTSError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)

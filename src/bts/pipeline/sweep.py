@@ -16,7 +16,6 @@ import yaml
 
 from bts.core.io import (
     BTSError,
-    CommandParser,
     atomic_write_json,
     atomic_write_text,
     ensure_writable_dir,
@@ -33,25 +32,28 @@ def sweep_table(name: str, rows: dict) -> str:
     return results_table(rows, f"Sweep `{name}`")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(prog="bts sweep", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="configs/sweeps/<name>.yaml")
-    ap.add_argument("--profile", default="tiny", help="reproduction profile whose stages the points build on")
-    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    ap.add_argument("--jobs", type=int, default=None, help="points run at a time (default: the profile's `jobs`)")
-    ap.add_argument("--table-only", action="store_true",
-                    help="profile sweeps: rewrite the table from results/<profile>/sweeps/<name>.json, run nothing")
-    args = ap.parse_args(argv)
-    sweep = load_sweep(args.config)
-    profile = load_profile(args.profile)
+def sweep_command(config: str, profile: str = "tiny", no_progress: bool = False, jobs: int | None = None,
+                  table_only: bool = False) -> int:
+    """an ablation grid over one Lightning config (configs/sweeps/<name>.yaml)
+
+    Args:
+        config: the sweep, configs/sweeps/<name>.yaml
+        profile: reproduction profile whose stages the points build on
+        no_progress: hide progress bars
+        jobs: points run at a time (default: the profile's `jobs`)
+        table_only: profile sweeps: rewrite the table from results/<profile>/sweeps/<name>.json, run nothing
+    """
+
+    sweep = load_sweep(config)
+    profile = load_profile(profile)  # the name given, now the profile it names
     if "stages" in sweep:
         from bts.pipeline.regime_sweep import run_profile_sweep
 
-        if args.table_only:
+        if table_only:
             from bts.pipeline.regime_sweep import rewrite_table
 
             return rewrite_table(sweep, profile)
-        return run_profile_sweep(sweep, profile, args.jobs or profile.jobs, progress=not args.no_progress)
+        return run_profile_sweep(sweep, profile, jobs or profile.jobs, progress=not no_progress)
     base = yaml.safe_load(Path(sweep["base"]).read_text())
     keys = list(sweep["grid"])
     runs = ensure_writable_dir(profile.runs_dir)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.name in needed:
             s.report = "none"
     with exclusive_lock(runs / ".lock", f"run directory {profile.runs_dir}"):
-        out = Pipeline(profile, 0, progress=not args.no_progress).run(args.jobs or profile.jobs)
+        out = Pipeline(profile, 0, progress=not no_progress).run(jobs or profile.jobs)
     rows = out["ablations"]
     results = ensure_writable_dir(Path(profile.results_dir) / "sweeps")
     atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})

@@ -17,7 +17,8 @@ the final gradient norm is recorded. A map fitted on one set of documents can ge
 (measured here: it adapts to the fitting documents' vocabulary), and the identity is itself a linear map, so the
 ceiling takes the better of the two on the test blocks (``ceiling_of``); both are recorded.
 
-Command: ``bts ceiling --runs runs/tiny [--out runs/tiny/ceiling]`` (a stage of ``bts reproduce``); writes
+Command: ``bts ceiling --runs runs/tiny [--out runs/tiny/ceiling]`` (``bts.stitch.command``, a stage of
+``bts reproduce``); writes
 ``ceiling.json``: ``{domain: {expert_ppl, seed_ppl, identity_ppl, best_map_ppl, ceiling, own_ppl_gain, ...}}``.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bts.core.io import BTSError, CommandParser, atomic_dir, atomic_write_json
+from bts.core.io import BTSError
 from bts.data.domains import EXPERT_DOMAINS
 
 
@@ -146,27 +147,3 @@ def measure(runs: Path, domains=EXPERT_DOMAINS, fit_blocks: int = 192, test_bloc
               f"(own-domain gain {row['own_ppl_gain']:.3f}; {evals} L-BFGS evaluations, |grad| {gnorm:.1e})",
               flush=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(prog="bts ceiling", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="runs/tiny", help="run directory with seed/, tokenizer/, expert_<domain>/")
-    ap.add_argument("--out", default=None, help="output directory (default: <runs>/ceiling)")
-    ap.add_argument("--domains", default=",".join(EXPERT_DOMAINS), help="comma-separated expert domains")
-    ap.add_argument("--fit-blocks", type=int, default=192, help="validation blocks the map is fitted on")
-    ap.add_argument("--test-blocks", type=int, default=128, help="held-out test blocks it is scored on")
-    ap.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations at most (it stops earlier when "
-                    "the gradient norm falls under 1e-6)")
-    ap.add_argument("--seq-len", type=int, default=128, help="block length in tokens")
-    ap.add_argument("--device", default="cpu", help="torch device, or auto (the GPU when there is one)")
-    args = ap.parse_args(argv)
-    domains = tuple(d for d in args.domains.split(",") if d)
-    if min(args.fit_blocks, args.test_blocks, args.max_iter) < 1 or args.seq_len < 2:
-        raise BTSError("--fit-blocks, --test-blocks and --max-iter must be >= 1, --seq-len >= 2")
-    out = Path(args.out or Path(args.runs) / "ceiling")
-    result = measure(Path(args.runs), domains, args.fit_blocks, args.test_blocks, seq_len=args.seq_len,
-                     max_iter=args.max_iter, device=args.device)
-    with atomic_dir(out) as tmp:
-        atomic_write_json(tmp / "ceiling.json", result)
-    print(f"wrote {out}/ceiling.json")
-    return 0

@@ -9,20 +9,19 @@ Every stitch layer holds one projection slice ``stitch_proj[i-1]`` and one block
   (the default identity init). Train either everything (the old slices as init) or only the new slices
   (``StitchModule(train_only_new=True)``, which uses ``new_slice_masks``).
 
-``bts stitch-remove --ckpt DIR --expert NAME --out DIR`` (``main``) edits a saved stitch checkpoint directly: it
+``bts stitch-remove --ckpt DIR --expert NAME --out DIR`` (``bts.stitch.command``) edits a saved stitch checkpoint directly: it
 rewrites the safetensors and the manifest (whose model hashes carry over unchanged) without loading any model.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bts.core.io import BTSError, CommandParser, atomic_dir, copy_tokenizer_files
+from bts.core.io import BTSError, atomic_dir, copy_tokenizer_files
 from bts.stitch.model import StitchedLM
 
 _PROJ = "stitch_proj"
@@ -188,27 +187,3 @@ def remove_expert_checkpoint(ckpt_dir: str | Path, name: str, out_dir: str | Pat
         )
         copy_tokenizer_files(ckpt_dir, tmp)
     return Path(out_dir)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bts stitch-remove``: drop an expert from a trained stitch checkpoint (no retraining)."""
-    parser = CommandParser(
-        prog="bts stitch-remove",
-        description="Remove an expert from a trained BTS stitch checkpoint: its projection slice and gate rows are "
-        "dropped from every stitch layer, everything else is reused unchanged (paper §4.2). No model is loaded.",
-    )
-    parser.add_argument("--ckpt", required=True, help="trained stitch checkpoint directory (with bts.json)")
-    parser.add_argument("--expert", required=True, help="name of the expert to remove (see bts.json)")
-    parser.add_argument("--out", required=True, help="output directory for the new stitch checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        out = remove_expert_checkpoint(args.ckpt, args.expert, args.out)
-    except BTSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {out} (removed expert {args.expert!r})")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
