@@ -74,3 +74,16 @@ def test_schedule_uses_the_resolved_values():
     assert lrs[0] < lrs[1] < lrs[2] < lrs[3] and lrs[3] == max(lrs)
     torch.testing.assert_close(torch.tensor(max(lrs)), torch.tensor(1e-2))
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:])) and 1e-3 <= lrs[-1] < 2e-3
+
+
+def test_the_fast_check_knows_the_optimiser_keys():
+    """The check before heavy imports reads ``**optimizer: Unpack[OptimizerArgs]`` statically: the optimiser keys are
+    accepted and a misspelt one is refused there, without importing torch."""
+    from bts.cli.config_check import init_params, precheck
+
+    for cls in ("bts.stitch.module.StitchModule", "bts.dense.module.CausalLMModule", "baselines.btx.BTXModule"):
+        keys = init_params(cls)
+        assert keys is not None and {"lr", "warmup_steps", "min_lr_ratio", "weight_decay", "betas"} <= keys
+    assert "lrr" not in init_params("bts.dense.module.CausalLMModule")
+    with pytest.raises(BTSError, match="lrr"):
+        precheck(["fit", "--config", "configs/seed/tiny.yaml", "--model.init_args.lrr", "0.1"])

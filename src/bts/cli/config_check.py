@@ -6,8 +6,8 @@ statically is left to the full parser, which runs next.
 Keys are checked against signatures read with ``ast`` from the source files, never imported:
 ``lightning.pytorch.Trainer.__init__`` for ``trainer.*`` and the ``__init__`` of the ``class_path`` of ``model`` /
 ``data`` for their ``init_args``, and the fields of a dataclass an init argument is annotated with
-(``stitch: StitchConfig``) for nested keys (a class whose ``__init__`` takes ``**kwargs``, or that cannot be found,
-is left to the full parser). Values (types, ranges) are left to the full parser. The messages are the full parser's own, so a key error reads the same whichever check caught it.
+(``stitch: StitchConfig``) for nested keys (a class whose ``__init__`` takes ``**kwargs`` other than ``**optimizer: Unpack[OptimizerArgs]``, or that
+cannot be found, is left to the full parser). Values (types, ranges) are left to the full parser. The messages are the full parser's own, so a key error reads the same whichever check caught it.
 """
 
 from __future__ import annotations
@@ -103,25 +103,33 @@ def _init(class_path: str) -> ast.FunctionDef | None:
 
 def init_params(class_path: str) -> frozenset[str] | None:
     """Names ``class_path``'s ``__init__`` accepts, or None when they cannot be read statically (not found, no own
-    ``__init__``, ``**kwargs``)."""
+    ``__init__``, ``**kwargs`` other than ``**name: Unpack[SomeTypedDict]``, whose keys count as names)."""
     init = _init(class_path)
-    if init is None or init.args.kwarg is not None:
+    if init is None:
         return None
     args = init.args
-    return frozenset(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
-
-
-def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] | None:
-    """``(class path, fields)`` of the dataclass that ``param`` of ``class_path.__init__`` is annotated with
-    (e.g. ``stitch: StitchConfig | None``), or None."""
-    init, found = _init(class_path), find_class(class_path)
-    arg = next((a for a in (init.args.args + init.args.kwonlyargs) if a.arg == param), None) if init else None
-    if arg is None or arg.annotation is None:
+    names = frozenset(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
+    if args.kwarg is None:
+        return names
+    ann = args.kwarg.annotation
+    if not (isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "Unpack"):
         return None
-    _, module, tree = found
-    names = {n.id for n in ast.walk(arg.annotation) if isinstance(n, ast.Name)}
-    if isinstance(arg.annotation, ast.Constant) and isinstance(arg.annotation.value, str):
-        names |= set(re.findall(r"[A-Za-z_]\w*", arg.annotation.value))
+    typed_dict = next((cls for _, cls in _classes_annotated(class_path, ann.slice)
+                       if any(isinstance(b, ast.Name) and b.id == "TypedDict" for b in cls.bases)), None)
+    return None if typed_dict is None else names | _annotated_fields(typed_dict)
+
+
+def _annotated_fields(cls: ast.ClassDef) -> frozenset[str]:
+    return frozenset(n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+
+
+def _classes_annotated(class_path: str, annotation: ast.expr):
+    """``(class path, ClassDef)`` of each class named in ``annotation`` (an annotation of ``class_path.__init__``),
+    following the module's ``from ... import`` statements."""
+    _, module, tree = find_class(class_path)
+    names = {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)}
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        names |= set(re.findall(r"[A-Za-z_]\w*", annotation.value))
     for node in tree.body:
         targets = []
         if isinstance(node, ast.ClassDef) and node.name in names:
@@ -132,9 +140,20 @@ def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] |
                        if (a.asname or a.name) in names]
         for target in targets:
             cls = find_class(target)
-            if cls and any("dataclass" in ast.dump(d) for d in cls[0].decorator_list):
-                return target, frozenset(n.target.id for n in cls[0].body
-                                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+            if cls:
+                yield target, cls[0]
+
+
+def dataclass_param(class_path: str, param: str) -> tuple[str, frozenset[str]] | None:
+    """``(class path, fields)`` of the dataclass that ``param`` of ``class_path.__init__`` is annotated with
+    (e.g. ``stitch: StitchConfig | None``), or None."""
+    init = _init(class_path)
+    arg = next((a for a in (init.args.args + init.args.kwonlyargs) if a.arg == param), None) if init else None
+    if arg is None or arg.annotation is None:
+        return None
+    for target, cls in _classes_annotated(class_path, arg.annotation):
+        if any("dataclass" in ast.dump(d) for d in cls.decorator_list):
+            return target, _annotated_fields(cls)
     return None
 
 
