@@ -19,6 +19,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from bts.cli.fit_guard import precheck_fit
 from bts.core.io import BTSError, writable_target
 
 TOP_KEYS = {"config", "print_config", "seed_everything", "trainer", "model", "data", "ckpt_path", "weights_only",
@@ -326,6 +327,9 @@ def precheck(argv: list[str]) -> list[str]:
         return argv
     configs, overrides = parse_command_line(argv)
     cfg = _load_configs(configs)
+    # --force (bts fit), a finished model in output_dir, trainer values Lightning rejects: bts.cli.fit_guard
+    argv = precheck_fit(argv, lambda dotted: _value(cfg, overrides, dotted))
+    overrides = [o for o in overrides if o[0] != "force"]
     check_keys(argv[0], cfg, overrides)
     if argv[0] == "fit":
         for what, path in output_paths(cfg, overrides):

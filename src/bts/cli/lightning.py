@@ -8,6 +8,11 @@ given. The config is saved to the log directory as ``config.yaml`` and never ove
 (``--ckpt_path``) into a log directory that already has one saves ``config.resumed-<n>.yaml`` beside it (``bts
 reproduce`` re-running a stage: ``config.rerun-<n>.yaml``); any other run into such a directory is refused (use a
 fresh ``trainer.default_root_dir`` or a versioned logger). The file is written once every ``setup`` hook passed.
+
+``bts fit`` also never loses a run (docs/reliability.md): SIGTERM/SIGINT save a resumable checkpoint at the next
+step boundary and exit 143/130 with the command that resumes (``bts.training.interrupt``); a finished output is
+refused without ``--force``, an interrupted run of the same config is resumed, and trainer values Lightning
+rejects are one error line (``bts.cli.fit_guard``).
 """
 
 from __future__ import annotations
@@ -79,11 +84,30 @@ def _cli_classes():
             if "weights_only" in cfg and cfg["weights_only"] is None:
                 cfg["weights_only"] = True
 
+        def instantiate_trainer(self, **kwargs):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            from bts.cli.fit_guard import trainer_error
+
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError) as e:  # a trainer value Lightning refuses: one line
+                raise trainer_error(e) from None
+
         def before_fit(self) -> None:
             from bts.cli.config_check import check_run_outputs
+            from bts.cli.fit_guard import decide_fit
 
             check_run_outputs(self.trainer, self.model)  # before fit writes anything: never lose a trained run
             self._before_run()
+            # an output or checkpoint already there: refuse, resume (same config) or, with --force, start over
+            cfg = self.config_init[self.subcommand]
+            resume, label = decide_fit(self.trainer, self.model, self.config[self.subcommand].as_dict(),
+                                       cfg.get("ckpt_path"))
+            if resume:
+                cfg["ckpt_path"] = resume
+            if label:
+                mark_resuming(self.trainer, label)
 
         def _one_table(self) -> None:
             # Lightning prints metrics logged at epoch end once per dataloader (one per domain): print them once
@@ -132,17 +156,49 @@ def run_lightning(args: list[str], run: bool = True):
     """Run the LightningCLI with ``args`` (e.g. ``["fit", "--config", path]``) in this process."""
     import warnings
 
-    import lightning as L
-
     from bts.core.quiet import install, progress_wanted
 
     install(progress=progress_wanted(args))
     # `bts fit ...` passes its own argv as args=: Lightning's warning about args + sys.argv does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from bts.training.interrupt import InterruptCheckpoint
     from bts.training.progress import ProgressLog
 
     cli_class, save_config = _cli_classes()
-    cli = cli_class(
+    try:
+        cli = _run_cli(cli_class, save_config, args, run, [ProgressLog(), InterruptCheckpoint()])
+    except SIGTERMException as e:
+        _report_interrupt(e, args)
+    if not run and cli.subcommand is None:  # run=False: the caller fits; check what the fit will write first
+        from bts.cli.config_check import check_run_outputs
+
+        check_run_outputs(cli.trainer, cli.model)
+    return cli
+
+
+def _report_interrupt(exc, args: list[str]):
+    """An interrupted ``bts fit``: one line on stderr (where the checkpoint is and the command that resumes it),
+    then exit 128 + signal (143 SIGTERM, 130 SIGINT) so that a job script or ``bts fit && bts eval`` stops here."""
+    import sys
+
+    from bts.cli.fit_guard import resume_command
+    from bts.training.interrupt import FitInterrupted
+
+    if isinstance(exc, FitInterrupted):
+        print(f"error: bts fit {exc}; resume with: {resume_command(args, exc.checkpoint)}", file=sys.stderr)
+        raise SystemExit(exc.code) from None
+    # Lightning's own SIGTERM exit (before training started, or during its final validation): not status 0
+    print("error: bts interrupted by SIGTERM before a checkpoint could be saved; run the same command again",
+          file=sys.stderr)
+    raise SystemExit(143) from None
+
+
+def _run_cli(cli_class, save_config, args, run, callbacks):
+    import lightning as L
+
+    return cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -152,14 +208,10 @@ def run_lightning(args: list[str], run: bool = True):
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
         # step / loss / tokens/s / ETA lines wherever no progress bar shows them (logs, reproduce stages, jobs)
-        trainer_defaults={"callbacks": [ProgressLog()]},
+        # InterruptCheckpoint: SIGTERM/SIGINT save a resumable checkpoint at the next step boundary (nothing lost)
+        trainer_defaults={"callbacks": callbacks},
         # parser errors raise (and main prints them as one line) instead of printing the usage and exiting
         parser_kwargs={"exit_on_error": False},
         args=args,
         run=run,
     )
-    if not run and cli.subcommand is None:  # run=False: the caller fits; check what the fit will write first
-        from bts.cli.config_check import check_run_outputs
-
-        check_run_outputs(cli.trainer, cli.model)
-    return cli

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,11 @@ class DomainMixDataModule(L.LightningDataModule):
             else:
                 sampler.skip(done * self.batch_size)
                 log.info("resuming epoch %d after its first %d training batches", epoch, done)
+                # Lightning warns that a mid-epoch resume of a loader without its own state_dict is unreliable; this
+                # one's position lives in the datamodule's state_dict and the sampler has just skipped exactly the
+                # batches trained, so the resume is exact (tests/test_fit_interrupt.py)
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
+                                        "epoch ended and your dataloader is not resumable")
         return self._loader(ds, sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
