@@ -171,9 +171,9 @@ def test_sigint_exits_130_and_rerunning_the_command_resumes_then_refuses(tmp_pat
     assert bts_main(args) == 2
     took = time.perf_counter() - t
     err = capsys.readouterr().err
-    assert _error_lines(err) == [(f"error: {run / 'out'} already holds a finished model (training.json); this bts fit "
-                                 "would train again and replace it: pass --force to retrain, or use a fresh --run_dir "
-                                 "(or model.init_args.output_dir)")], err
+    assert _error_lines(err) == [(f"error: refusing to overwrite {run / 'out'} (model.init_args.output_dir): it holds a "
+                                 "BTS stitch checkpoint (bts.json); this bts fit would train again and replace it: use "
+                                 "a fresh --run_dir (or another output_dir), or pass --force to retrain")], err
     assert took < 5 and (run / "out" / "stitch.safetensors").stat().st_mtime_ns == before
 
 

@@ -3,9 +3,10 @@ Lightning would reject, and the line an interrupted fit ends with.
 
 The rule for a `bts fit` whose outputs already exist (docs/reliability.md):
 
-1. ``model.init_args.output_dir`` holds a finished model (``training.json``, written last into the atomically
-   renamed artifact directory by ``LMTrainingModule`` at the end of fit): refused, one ``error:`` line naming
-   ``--force`` and a fresh ``--run_dir``, before anything heavy is imported. Also with ``--ckpt_path``.
+1. ``model.init_args.output_dir`` is not empty: it holds a finished model (``LMTrainingModule`` writes it at the end
+   of fit, ``training.json`` last, into a directory renamed into place) or something else the end of this fit would
+   replace. Refused (the one output rule of every command, ``bts.core.io.check_output``), one ``error:`` line naming
+   a fresh ``--run_dir`` and ``--force``, before anything heavy is imported. Also with ``--ckpt_path``.
 2. Otherwise, without ``--ckpt_path``, a ``last.ckpt`` in the directory of the config's ``ModelCheckpoint`` (an
    interrupted run: SIGTERM/SIGINT, ``bts.training.interrupt``, or a kill after a periodic save; or Lightning's SLURM
    ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when it has more steps) is resumed when it
@@ -31,10 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bts.core.io import BTSError
-
-FINISHED_MARKER = "training.json"
-"""Written by ``LMTrainingModule._write_output`` into the artifact directory, which appears by an atomic rename."""
+from bts.core.io import BTSError, describe_dir
 
 _force_requested = False
 
@@ -58,18 +56,17 @@ def take_force() -> bool:
     return forced
 
 
-def finished_model(output_dir: Any) -> Path | None:
-    """``output_dir`` when it holds a model that a finished ``bts fit`` wrote."""
+def check_fit_output(output_dir: Any, forced: bool) -> None:
+    """``bts fit``'s part of the one output rule (``bts.core.io.check_output``): ``output_dir`` appears, by an atomic
+    rename, only when training finishes, so a non-empty one holds a finished model (or something else the end of
+    this fit would replace); refused without ``--force``."""
     if not isinstance(output_dir, (str, Path)) or not output_dir or "://" in str(output_dir):
-        return None
-    return Path(output_dir) if (Path(output_dir) / FINISHED_MARKER).is_file() else None
-
-
-def refuse_finished(output_dir: Any, forced: bool) -> None:
-    done = finished_model(output_dir)
-    if done is not None and not forced:
-        raise BTSError(f"{done} already holds a finished model ({FINISHED_MARKER}); this bts fit would train again and "
-                       "replace it: pass --force to retrain, or use a fresh --run_dir (or model.init_args.output_dir)")
+        return
+    out = Path(output_dir)
+    if not forced and out.is_dir() and any(out.iterdir()):
+        raise BTSError(f"refusing to overwrite {out} (model.init_args.output_dir): it holds {describe_dir(out)}; this "
+                       "bts fit would train again and replace it: use a fresh --run_dir (or another output_dir), or "
+                       "pass --force to retrain")
 
 
 def _number(value: Any) -> Any:
@@ -123,7 +120,7 @@ def precheck_fit(argv: list[str], lookup: Callable[[str], Any]) -> list[str]:
     values checked for every Lightning subcommand."""
     if argv[0] == "fit":
         argv = pop_force(argv)
-        refuse_finished(lookup("model.init_args.output_dir"), _force_requested)
+        check_fit_output(lookup("model.init_args.output_dir"), _force_requested)
     elif "--force" in argv:
         raise BTSError(f"--force is an option of bts fit, not of bts {argv[0]}")
     check_trainer_values(lookup)
@@ -194,7 +191,7 @@ def decide_fit(trainer, model, fit_config: dict, ckpt_path: str | None) -> tuple
     from bts.training.interrupt import InterruptCheckpoint
 
     forced = take_force()
-    refuse_finished(getattr(model, "output_dir", None), forced)  # also an output_dir the static check missed
+    check_fit_output(getattr(model, "output_dir", None), forced)  # also an output_dir the static check missed
     fingerprint = config_fingerprint(fit_config)
     for cb in trainer.callbacks:
         if isinstance(cb, InterruptCheckpoint):
