@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bts.core.io import BTSError
-from bts.pipeline.sweep_config import load_sweep, point_config, point_name
+from bts.pipeline.sweep_config import load_sweep, point_config, point_name, sweep_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +21,15 @@ PROFILE_SWEEPS = [p for p in SWEEPS if "stages" in yaml.safe_load(p.read_text())
 def test_every_point_is_its_own_run(sweep):
     spec = load_sweep(sweep)
     base = yaml.safe_load((ROOT / spec["base"]).read_text())
-    import itertools
-
-    keys = list(spec["grid"])
     seen = set()
-    for values in itertools.product(*(spec["grid"][k] for k in keys)):
-        assignment = dict(zip(keys, values))
+    for assignment in sweep_points(spec):
         name = point_name(assignment)
         cfg = point_config(base, spec["name"], name, assignment)
-        node = cfg
-        for part in keys[0].split(".")[:-1]:
-            node = node[part]
-        assert node[keys[0].rsplit(".", 1)[-1]] == values[0]
+        for key, value in assignment.items():
+            node = cfg
+            for part in key.removeprefix("+").split(".")[:-1]:
+                node = node[part]
+            assert node[key.rsplit(".", 1)[-1]] == value
         dirs = (cfg["model"]["init_args"]["output_dir"], cfg["trainer"]["default_root_dir"],
                 cfg["trainer"]["logger"]["init_args"]["name"])
         assert not seen & set(dirs), "two points share a directory"
@@ -44,6 +41,12 @@ def test_bad_sweep_keys(tmp_path):
     base = yaml.safe_load((ROOT / "configs/bts/tiny.yaml").read_text())
     with pytest.raises(BTSError, match="not in the base config"):
         point_config(base, "s", "p", {"model.init_args.stitch.bogus": 1})
+    # '+' adds a setting the base leaves at its default; its section must exist
+    added = point_config(base, "s", "p", {"+model.init_args.stitch.h2e_gate_init": "closed"})
+    assert added["model"]["init_args"]["stitch"]["h2e_gate_init"] == "closed"
+    assert "h2e_gate_init" not in base["model"]["init_args"]["stitch"]
+    with pytest.raises(BTSError, match="'stitches' is not a section"):
+        point_config(base, "s", "p", {"+model.init_args.stitches.h2e_gate_init": "closed"})
     bad = tmp_path / "s.yaml"
     bad.write_text("name: s\nbase: configs/bts/tiny.yaml\ngrid: {a: [1]}\nextra: 1\n")
     with pytest.raises(BTSError, match="unknown key 'extra'"):
@@ -95,3 +98,46 @@ def test_regime_table_rows():
     assert row["gain_code"] == pytest.approx(0.2) and row["ceiling_code"] == pytest.approx(8.2 / 8.0)
     assert row["bts_over_expert_code"] == pytest.approx(1.1) and row["bts_minus_btm"] == pytest.approx(0.2)
     assert "| `p` | 0.200 |" in regime_table("x", {"p": row})
+
+
+def test_points_cross_the_grid_and_names_stay_distinct(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nbase: configs/bts/tiny.yaml\ngrid: {+model.init_args.stitch.h2e_gate_init: [half, closed]}\n"
+                    "points:\n  - {data.init_args.batch_size: 16, data.init_args.num_train_samples: 1600}\n"
+                    "  - {data.init_args.batch_size: 54, data.init_args.num_train_samples: 5400}\n")
+    points = sweep_points(load_sweep(spec))
+    assert [(p["+model.init_args.stitch.h2e_gate_init"], p["data.init_args.batch_size"]) for p in points] == [
+        ("half", 16), ("half", 54), ("closed", 16), ("closed", 54)]
+    assert all(p["data.init_args.num_train_samples"] == 100 * p["data.init_args.batch_size"] for p in points)
+    assert len({point_name(p) for p in points}) == 4
+    only = tmp_path / "o.yaml"
+    only.write_text("name: o\nbase: configs/bts/tiny.yaml\npoints: [{data.init_args.batch_size: 8}]\n")
+    assert sweep_points(load_sweep(only)) == [{"data.init_args.batch_size": 8}]
+    for body, match in [("points: []", "'points' must be a non-empty list"), ("points: [{}]", "'points' must be"),
+                        ("", "missing key 'grid'")]:
+        bad = tmp_path / "b.yaml"
+        bad.write_text(f"name: b\nbase: configs/bts/tiny.yaml\n{body}\n")
+        with pytest.raises(BTSError, match=match):
+            load_sweep(bad)
+    with pytest.raises(BTSError, match="two points are both named"):
+        sweep_points({"name": "d", "points": [{"a.b": 1}, {"c.b": 1}]})
+
+
+def test_stitch_budget_rows_and_table():
+    from bts.pipeline.regime_sweep import stitch_budget_row, stitch_budget_table
+
+    ppl = {"general": 10.0, "code": 10.0, "math": 10.0, "multilingual": 10.0}
+    refs = {"seed": {"ppl": ppl}, "btm": {"ppl": {**ppl, "code": 8.0}, "switch_ppl": {"all": 12.0}},
+            "expert_code": {"ppl": {**ppl, "code": 8.0}}}
+    bts = {"ppl": {**ppl, "code": 8.8, "math": 9.0}, "switch_ppl": {"all": 11.5, "code>math": 9.0}}
+    training = {"tokens_seen": 204800, "params": {"trained": 114688}}
+    row = stitch_budget_row(refs, bts, training, 47.5)
+    assert row["bts_over_expert_code"] == pytest.approx(1.1) and "gain_code" not in row
+    assert row["bts_minus_btm"] == pytest.approx((8.8 + 9.0 - 8.0 - 10.0) / 4)
+    assert row["bts_minus_seed"] == pytest.approx((8.8 + 9.0 - 20.0) / 4)
+    assert row["switch_bts_minus_btm"] == pytest.approx(-0.5)
+    assert row["stitch_tokens_per_param"] == pytest.approx(1.7857, abs=1e-4)
+    table = stitch_budget_table("x", {"p": row})
+    assert "| `p` | 1.786 | 1.100 | – | – | -0.050 | -0.550 | -0.500 | 48 |" in table
+    missing = stitch_budget_row({"seed": {"ppl": ppl}}, {"ppl": ppl}, None, None)
+    assert missing["stitch_tokens_per_param"] is None and "switch_bts_minus_btm" not in missing

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bts.core.io import BTSError, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock
 from bts.data.domains import DOMAINS, EXPERT_DOMAINS
+from bts.data.switching import ALL
 from bts.pipeline.run import Pipeline
 from bts.pipeline.sweep_config import point_name
 from bts.stitch.ceiling import ceiling_of
@@ -70,6 +71,49 @@ def regime_table(name: str, points: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for point, row in points.items():
         cells = [f"`{point}`"] + [("–" if row.get(c) is None else f"{row[c]:.3f}") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stitch_budget_row(methods: dict, bts: dict, training: dict | None, seconds: float | None) -> dict:
+    """One point of a sweep over the BTS stage (``reference`` stages in the sweep config): BTS ÷ expert per domain,
+    BTS − BTM and BTS − seed in mean held-out perplexity (``regime_row``), BTS − BTM in post-switch perplexity on
+    domain-switching text (all switch types pooled), the stitch tokens per stitch parameter the point trained on
+    (its ``training.json``) and the BTS stage's wall seconds."""
+    row = {k: v for k, v in regime_row({**methods, "bts": bts}, None).items() if not k.startswith("gain_")}
+    switch, switch_btm = (bts.get("switch_ppl") or {}).get(ALL), ((methods.get("btm") or {}).get("switch_ppl") or {}).get(ALL)
+    if switch is not None and switch_btm is not None:
+        row["switch_bts_minus_btm"] = switch - switch_btm
+    tokens = (training or {}).get("tokens_seen")
+    params = ((training or {}).get("params") or {}).get("trained")
+    row.update(stitch_tokens=tokens, stitch_params=params,
+               stitch_tokens_per_param=(tokens / params) if tokens and params else None, bts_seconds=seconds)
+    return row
+
+
+STITCH_BUDGET_COLUMNS = {
+    "stitch_tokens_per_param": "stitch tokens ÷ stitch param",
+    **{f"bts_over_expert_{d}": f"BTS ÷ expert {d}" for d in EXPERT_DOMAINS},
+    "bts_minus_btm": "BTS − BTM (mean ppl)",
+    "bts_minus_seed": "BTS − seed (mean ppl)",
+    "switch_bts_minus_btm": "BTS − BTM (post-switch ppl)",
+    "bts_seconds": "BTS stage (s)",
+}
+
+
+def stitch_budget_table(name: str, points: dict) -> str:
+    cols = list(STITCH_BUDGET_COLUMNS)
+    lines = [f"## Sweep `{name}`", "",
+             ("The BTS stage only, over the profile's seed, experts and BTM (trained once). stitch tokens ÷ stitch "
+              "param = training tokens ÷ trained stitch parameters (paper: ~57); BTS ÷ expert = BTS ppl ÷ the "
+              "expert's on its own domain; BTS − BTM and BTS − seed in mean held-out perplexity over the four "
+              "domains; post-switch = perplexity of the tokens after the switch on domain-switching blocks, all "
+              "switch types pooled (`bts.eval.tasks.switching`); negative: BTS is better. BTS stage = wall seconds "
+              "of the stitch training (model loading and validation included). One seed per point."), "",
+             "| point | " + " | ".join(STITCH_BUDGET_COLUMNS.values()) + " |", "|" + "---|" * (len(cols) + 1)]
+    for point, row in points.items():
+        cells = [f"`{point}`"] + ["–" if row.get(c) is None else
+                                  (f"{row[c]:.0f}" if c == "bts_seconds" else f"{row[c]:.3f}") for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

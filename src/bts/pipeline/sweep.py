@@ -4,11 +4,15 @@ Every grid point is the base Lightning config with some dotted keys set (``model
 and its run-specific paths renamed (output dir, TensorBoard log name, checkpoint dir), so each point is a fresh run
 in its own log directory. Points run through the reproduction pipeline (same reuse / resume rules, same
 evaluation) after the profile stages they depend on; results go to ``results/<profile>/sweeps/<name>.{json,md}``.
+
+Optional keys: ``points`` (explicit assignments, crossed with ``grid``: keys that move together), ``eval_tasks``
+(what every row is evaluated on; default: the profile's ablation tasks) and ``reference`` (profile stages evaluated
+beside the points, e.g. seed, experts, BTM: the table is then the stitch-budget table of
+``bts.pipeline.regime_sweep.stitch_budget_table``, each point against them).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from bts.core.io import (
 )
 from bts.pipeline.profile import StageSpec, load_profile
 from bts.pipeline.run import Pipeline
-from bts.pipeline.sweep_config import load_sweep, point_config, point_name
+from bts.pipeline.sweep_config import load_sweep, point_config, point_name, sweep_points
 
 
 def sweep_table(name: str, rows: dict) -> str:
@@ -55,37 +59,45 @@ def sweep_command(config: str, profile: str = "tiny", no_progress: bool = False,
             return rewrite_table(sweep, profile)
         return run_profile_sweep(sweep, profile, jobs or profile.jobs, progress=not no_progress)
     base = yaml.safe_load(Path(sweep["base"]).read_text())
-    keys = list(sweep["grid"])
+    if "eval_tasks" in sweep:  # a typo fails now, not after the points have trained
+        from bts.eval.suite import resolve_selection
+
+        resolve_selection(sweep["eval_tasks"])
+        profile.eval_tasks = profile.ablation_eval_tasks = list(sweep["eval_tasks"])
     runs = ensure_writable_dir(profile.runs_dir)
     point_dir = ensure_writable_dir(runs / "sweeps" / sweep["name"])
-    stages = []
-    for values in itertools.product(*(sweep["grid"][k] for k in keys)):
-        assignment = dict(zip(keys, values))
+    stages, assignments = [], {}
+    for assignment in sweep_points(sweep):
         name = point_name(assignment)
+        assignments[f"sweep_{sweep['name']}__{name}"] = (name, assignment)
         cfg_path = point_dir / f"{name}.yaml"
         text = yaml.safe_dump(point_config(base, sweep["name"], name, assignment), sort_keys=False)
         atomic_write_text(cfg_path, f"# sweep {sweep['name']} point {name}: bts fit --config {cfg_path}\n" + text)
         stages.append(StageSpec(name=f"sweep_{sweep['name']}__{name}", kind="fit", config=str(cfg_path), family=sweep.get("family", "merging"),
                                 after=list(sweep.get("after", [])), report="ablation"))
-    needed, todo = set(), list(sweep.get("after", []))
+    reference = list(sweep.get("reference", []))
+    needed, todo = set(), list(sweep.get("after", [])) + reference
     by_name = {s.name: s for s in profile.stages}
     while todo:
         n = todo.pop()
         if n not in by_name:
-            raise BTSError(f"sweep runs after '{n}', which profile {profile.profile} does not have")
+            raise BTSError(f"sweep needs stage '{n}', which profile {profile.profile} does not have")
         if n not in needed:
             needed.add(n)
             todo += by_name[n].after
     profile.stages = [s for s in profile.stages if s.name in needed] + stages
     for s in profile.stages:
         if s.name in needed:
-            s.report = "none"
+            s.report = "method" if s.name in reference else "none"
     with exclusive_lock(runs / ".lock", f"run directory {profile.runs_dir}"):
         out = Pipeline(profile, 0, progress=not no_progress).run(jobs or profile.jobs)
     rows = out["ablations"]
     results = ensure_writable_dir(Path(profile.results_dir) / "sweeps")
-    atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})
-    atomic_write_text(results / f"{sweep['name']}.md", sweep_table(sweep["name"], rows))
+    if reference:
+        _write_stitch_budget(sweep, out, assignments, runs, results)
+    else:
+        atomic_write_json(results / f"{sweep['name']}.json", {"sweep": sweep, "points": rows})
+        atomic_write_text(results / f"{sweep['name']}.md", sweep_table(sweep["name"], rows))
     metrics_path = Path(profile.results_dir) / "metrics.json"
     if metrics_path.is_file():  # list the new table in ablations.md now, not only at the next `bts reproduce`
         from bts.pipeline.report import write_ablations
@@ -93,3 +105,26 @@ def sweep_command(config: str, profile: str = "tiny", no_progress: bool = False,
         write_ablations(Path(profile.results_dir), json.loads(metrics_path.read_text()))
     print(f"wrote {results}/{sweep['name']}.md ({len(rows)} points)")
     return 0
+
+
+def _write_stitch_budget(sweep: dict, out: dict, assignments: dict, runs: Path, results: Path) -> None:
+    """The stitch-budget table (points against the ``reference`` stages) and its JSON: rows, each point's
+    assignment, metrics (without per-item scores), ``training.json`` and stage seconds, and the references."""
+    from bts.pipeline.regime_sweep import stitch_budget_row, stitch_budget_table
+
+    def lean(entry: dict) -> dict:
+        return {k: v for k, v in entry.items() if k != "items"}
+
+    points, raw = {}, {}
+    for stage, entry in out["ablations"].items():
+        name, assignment = assignments[stage]
+        output = runs / "sweeps" / sweep["name"] / name
+        training = json.loads((output / "training.json").read_text()) if (output / "training.json").is_file() else None
+        record = runs / ".stages" / f"{stage}.json"  # the stage's wall seconds, also when it was reused
+        seconds = json.loads(record.read_text()).get("seconds") if record.is_file() else None
+        points[name] = stitch_budget_row(out["methods"], entry, training, seconds)
+        raw[name] = {"assignment": assignment, "metrics": lean(entry), "training": training, "seconds": seconds}
+    reference = {m: lean(e) for m, e in out["methods"].items()}
+    atomic_write_json(results / f"{sweep['name']}.json",
+                      {"sweep": sweep, "points": points, "runs": raw, "reference": reference})
+    atomic_write_text(results / f"{sweep['name']}.md", stitch_budget_table(sweep["name"], points))

@@ -3,7 +3,8 @@
 A stitch checkpoint directory holds only what BTS trains, plus a manifest that pins the frozen models:
 
 - ``stitch.safetensors``: the stitch tensors (``stitch_layers.<j>.stitch_proj`` ``[n, d, d]`` and
-  ``stitch_layers.<j>.stitch_gate.weight`` ``[(n+1)·d, d]``) and nothing else;
+  ``stitch_layers.<j>.stitch_gate.weight`` ``[(n+1)·d, d]``; with ``h2e_gate_init: closed`` also each H2E layer's
+  ``stitch_layers.<j>.stitch_gate_bias`` ``[(n+1)·d]``) and nothing else;
 - ``bts.json``: format/version, the hub and the experts (name — the experts' names are their domains —, role,
   directory as given and resolved, ``sha256`` = ``state_dict_sha256`` of the loaded model), the ``StitchConfig``,
   the placement, the dimensions, the sha256 of ``stitch.safetensors`` and optional provenance (``derived_from``).
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bts.core.io import BTSError, atomic_dir, sha256_file, state_dict_sha256
+from bts.stitch.layer import stitch_param_count
 from bts.stitch.model import StitchConfig, StitchedLM, stitch_placement
 
 MANIFEST = "bts.json"
@@ -70,7 +72,8 @@ def build_manifest(
         "hidden_size": hidden_size,
         "vocab_size": vocab_size,
         "n_experts": n,
-        "stitch_params": len(placement) * (2 * n + 1) * hidden_size * hidden_size,
+        "stitch_params": sum(stitch_param_count(hidden_size, n, kind == "h2e" and config.h2e_gate_init == "closed")
+                             for _, kind in placement),
         "weights": WEIGHTS,
         "weights_sha256": weights_sha256,
     }

@@ -13,6 +13,18 @@ Parameters (all bias-free linear maps), ``(2n + 1) · d²`` in total:
 
 Initialisation (not given by the paper): ``"identity"`` (default) sets every ``w_proj_i = I`` and ``w_gate = 0``,
 i.e. uniform E2H gates and 0.5 H2E gates; ``"random"`` (ablation) draws both from ``N(0, 0.02²)``.
+
+H2E gate init (``h2e_gate_init``, not given by the paper either): ``"half"`` (default) is the above — with
+``w_gate = 0`` every H2E gate starts at ``sigmoid(0) = 0.5``, so at init each expert's stream is half the hub's.
+``"closed"`` adds to an H2E layer one learned gate-logit bias per hidden dimension per model, ``stitch_gate_bias``
+``[(n + 1)·d]`` (same row layout as ``stitch_gate``), initialised to ``CLOSED_GATE_LOGIT = -4``::
+
+    g = sigmoid(dropout(w_gate(h0)) + b)        # eq. 4 with an affine gate; b is outside the dropout
+
+so every H2E gate starts at ``sigmoid(-4) ≈ 0.018`` and the experts' streams start (almost) untouched; ``w_gate``
+and ``w_proj_i`` keep the paper's bias-free form and init. The bias sits after the dropout so that a dropped logit
+falls back to the closed prior, not to a 0.5 gate. E2H layers never have a bias. ``(n + 1)·d`` extra parameters per
+H2E layer (the hub's slot is unused, as ``g0`` is).
 """
 
 from __future__ import annotations
@@ -29,6 +41,10 @@ StitchKind = Literal["e2h", "h2e"]
 STITCH_KINDS = ("e2h", "h2e")
 STITCH_INITS = ("identity", "random")
 RANDOM_INIT_STD = 0.02
+H2E_GATE_INITS = ("half", "closed")
+CLOSED_GATE_LOGIT = -4.0
+"""Initial H2E gate-logit bias under ``h2e_gate_init="closed"``: ``sigmoid(-4) ≈ 0.018``, below 0.05 with margin,
+while ``sigmoid'(-4) ≈ 0.018`` still passes a gradient (AdamW normalises its scale) so gates can open."""
 
 
 class StitchLayer(nn.Module):
@@ -37,7 +53,8 @@ class StitchLayer(nn.Module):
     ``kind="e2h"`` is Experts-into-Hub (eq. 3), ``kind="h2e"`` is Hub-into-Experts (eq. 4). Gate dropout acts on the
     gate logits ``w_gate(h0)`` and is active only in training mode. With ``record_gates = True`` every forward stores
     the gate values averaged over the hidden dimensions in ``last_gates`` (``[B, T, n + 1]``, detached; for H2E the
-    hub slot is the computed-but-unused ``g0``).
+    hub slot is the computed-but-unused ``g0``). ``h2e_gate_init="closed"`` gives an H2E layer the gate-logit bias
+    ``stitch_gate_bias`` (module docstring); for E2H it changes nothing.
     """
 
     def __init__(
@@ -47,6 +64,7 @@ class StitchLayer(nn.Module):
         kind: StitchKind = "e2h",
         gate_dropout: float = 0.1,
         init: str = "identity",
+        h2e_gate_init: str = "half",
     ):
         super().__init__()
         if kind not in STITCH_KINDS:
@@ -55,11 +73,18 @@ class StitchLayer(nn.Module):
             raise BTSError(f"a stitch layer needs at least one expert, got n_experts={n_experts}")
         if not 0.0 <= gate_dropout < 1.0:
             raise BTSError(f"gate_dropout must be in [0, 1), got {gate_dropout}")
+        if h2e_gate_init not in H2E_GATE_INITS:
+            raise BTSError(f"h2e_gate_init must be one of {', '.join(H2E_GATE_INITS)}, got {h2e_gate_init!r}")
         self.d = int(d)
         self.n_experts = int(n_experts)
         self.kind: StitchKind = kind
         self.stitch_proj = nn.Parameter(torch.empty(n_experts, d, d))  # [n, d_out, d_in]
         self.stitch_gate = nn.Linear(d, (n_experts + 1) * d, bias=False)  # weight [(n+1)·d, d]
+        self.h2e_gate_init = h2e_gate_init
+        # only a closed H2E layer has the bias: "half" keeps exactly the paper's (and the earlier) parameter set
+        self.stitch_gate_bias: nn.Parameter | None = (
+            nn.Parameter(torch.empty((n_experts + 1) * d)) if kind == "h2e" and h2e_gate_init == "closed" else None
+        )
         self.gate_dropout = nn.Dropout(gate_dropout)
         self.record_gates = False
         self.last_gates: torch.Tensor | None = None
@@ -74,7 +99,10 @@ class StitchLayer(nn.Module):
     # --- parameters ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, init: str = "identity") -> None:
-        """``"identity"``: ``w_proj_i = I``, ``w_gate = 0``; ``"random"``: both ``N(0, 0.02²)``."""
+        """``"identity"``: ``w_proj_i = I``, ``w_gate = 0``; ``"random"``: both ``N(0, 0.02²)``. A closed H2E layer's
+        ``stitch_gate_bias`` is ``CLOSED_GATE_LOGIT`` under either."""
+        if self.stitch_gate_bias is not None:
+            self.stitch_gate_bias.fill_(CLOSED_GATE_LOGIT)
         if init == "identity":
             self.stitch_proj.copy_(torch.eye(self.d).expand(self.n_experts, self.d, self.d))
             self.stitch_gate.weight.zero_()
@@ -89,12 +117,15 @@ class StitchLayer(nn.Module):
         return self.stitch_gate.weight.view(self.d, self.n_experts + 1, self.d)[:, model_index, :]
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, d={self.d}, n_experts={self.n_experts}, gate_dropout={self.gate_dropout.p}"
+        closed = ", h2e_gate_init=closed" if self.stitch_gate_bias is not None else ""
+        return f"kind={self.kind}, d={self.d}, n_experts={self.n_experts}, gate_dropout={self.gate_dropout.p}{closed}"
 
     # --- forward -------------------------------------------------------------------------------------------------
     def _gate_logits(self, h0: torch.Tensor) -> torch.Tensor:
         b, t, d = h0.shape
         logits = self.gate_dropout(self.stitch_gate(h0))  # [B, T, (n+1)·d]
+        if self.stitch_gate_bias is not None:
+            logits = logits + self.stitch_gate_bias
         return logits.view(b, t, d, self.n_experts + 1)  # [B, T, d, n+1]
 
     def _check_gates(self, g: torch.Tensor) -> None:
@@ -150,7 +181,7 @@ class StitchLayer(nn.Module):
     def _h2e(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Hub-into-Experts, eq. 4::
 
-        g   = sigmoid(dropout(w_gate(h0)))                  # [B, T, d, n+1]; g0 computed and unused
+        g   = sigmoid(dropout(w_gate(h0)) [+ b])            # [B, T, d, n+1]; g0 computed and unused; b: "closed"
         h~0 = h0
         h~i = (1 - gi) * hi + gi * w_proj_i(h0)             # i = 1..n
         """
@@ -168,6 +199,6 @@ class StitchLayer(nn.Module):
         return [h0, *mixed.unbind(2)]
 
 
-def stitch_param_count(d: int, n_experts: int) -> int:
-    """Parameters of one stitch layer: ``(2n + 1) · d²``."""
-    return (2 * n_experts + 1) * d * d
+def stitch_param_count(d: int, n_experts: int, gate_bias: bool = False) -> int:
+    """Parameters of one stitch layer: ``(2n + 1) · d²``, plus ``(n + 1) · d`` for a closed H2E layer's gate bias."""
+    return (2 * n_experts + 1) * d * d + ((n_experts + 1) * d if gate_bias else 0)

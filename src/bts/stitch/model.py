@@ -33,7 +33,7 @@ from bts.core.io import BTSError, state_dict_sha256
 from bts.core.language_model import sample_next
 from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import DecoderParts, decoder_parts, load_causal_lm
-from bts.stitch.layer import STITCH_INITS, StitchLayer
+from bts.stitch.layer import H2E_GATE_INITS, STITCH_INITS, StitchLayer
 
 
 @dataclass
@@ -49,6 +49,11 @@ class StitchConfig:
     """Dropout on the gate logits ``w_gate(h0)`` (active in training only)."""
     init: str = "identity"
     """Initialisation: ``identity`` (``w_proj_i = I``, ``w_gate = 0``) or ``random`` (small normal, ablation)."""
+    h2e_gate_init: str = "half"
+    """Where the H2E gates start (not given by the paper): ``half`` (``sigmoid(0) = 0.5``, the default) or ``closed``
+    (a learned gate-logit bias ``stitch_gate_bias`` at -4 in each H2E layer: gates ≈ 0.018, the experts' streams
+    start untouched; ``bts.stitch.layer``). Left out of ``to_dict`` at its default, so manifests of default runs are
+    unchanged."""
     activation_checkpointing: bool = False
     """Memory/speed trade-off, training only: recompute each frozen decoder layer during backward instead of storing
     its activations (``torch.utils.checkpoint``, non-reentrant). Only layers whose input needs a gradient (those
@@ -63,13 +68,17 @@ class StitchConfig:
     def __post_init__(self) -> None:
         if self.init not in STITCH_INITS:
             raise BTSError(f"stitch.init must be one of {', '.join(STITCH_INITS)}, got {self.init!r}")
+        if self.h2e_gate_init not in H2E_GATE_INITS:
+            raise BTSError(f"stitch.h2e_gate_init must be one of {', '.join(H2E_GATE_INITS)}, got "
+                           f"{self.h2e_gate_init!r}")
         if not 0.0 <= float(self.gate_dropout) < 1.0:
             raise BTSError(f"stitch.gate_dropout must be in [0, 1), got {self.gate_dropout}")
 
     def to_dict(self) -> dict:
-        """The fields as a dict; runtime-only options (``RUNTIME_FIELDS``) only when they differ from the default."""
+        """The fields as a dict; runtime-only options (``RUNTIME_FIELDS``) and ``h2e_gate_init`` only when they differ
+        from the default."""
         out = asdict(self)
-        for name in RUNTIME_FIELDS:
+        for name in (*RUNTIME_FIELDS, "h2e_gate_init"):
             if out[name] == StitchConfig.__dataclass_fields__[name].default:
                 del out[name]
         return out
@@ -202,7 +211,8 @@ class StitchedLM(nn.Module):
         # layers on meta directly rather than allocating (2n+1)·K·d² floats on the CPU first
         with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
             self.stitch_layers = nn.ModuleList(
-                StitchLayer(self.hidden_size, len(experts), kind, self.config.gate_dropout, self.config.init)
+                StitchLayer(self.hidden_size, len(experts), kind, self.config.gate_dropout, self.config.init,
+                            self.config.h2e_gate_init)
                 for _, kind in self._placement
             ).to(device)
         for j, (after, kind) in enumerate(self._placement):
@@ -288,7 +298,8 @@ class StitchedLM(nn.Module):
         return list(self._placement)
 
     def stitch_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the stitch tensors (keys ``stitch_layers.<j>.stitch_proj`` / ``stitch_layers.<j>.stitch_gate.weight``)."""
+        """Only the stitch tensors (keys ``stitch_layers.<j>.stitch_proj`` / ``stitch_layers.<j>.stitch_gate.weight``,
+        and ``stitch_layers.<j>.stitch_gate_bias`` for a closed H2E layer)."""
         return {f"stitch_layers.{k}": v for k, v in self.stitch_layers.state_dict().items()}
 
     def load_stitch_state_dict(self, state: dict[str, torch.Tensor]) -> None:

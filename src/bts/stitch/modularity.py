@@ -1,12 +1,13 @@
 """Modularity of a trained BTS model (paper §4.2): remove an expert, or add one and train what is needed.
 
 Every stitch layer holds one projection slice ``stitch_proj[i-1]`` and one block of gate rows (model ``i``'s rows of
-``stitch_gate``, see ``StitchLayer.gate_rows``) per expert ``i``. Models are matched **by name** (hub first):
+``stitch_gate``, see ``StitchLayer.gate_rows``) per expert ``i``, and under ``h2e_gate_init: closed`` an H2E layer
+also model ``i``'s entries of ``stitch_gate_bias``. Models are matched **by name** (hub first):
 
 - **remove**: drop the expert's projection slice and gate rows from every stitch layer, keep every other tensor as is.
   Nothing is renormalised by hand: E2H's softmax over the remaining models is recomputed naturally. No retraining.
 - **add**: copy the slices of the models that already exist; the new expert gets ``w_proj = I`` and zero gate rows
-  (the default identity init). Train either everything (the old slices as init) or only the new slices
+  (the default identity init), and a closed gate bias (``CLOSED_GATE_LOGIT``) where the layer has one. Train either everything (the old slices as init) or only the new slices
   (``StitchModule(train_only_new=True)``, which uses ``new_slice_masks``).
 
 ``bts stitch-remove --ckpt DIR --expert NAME --out DIR`` (``bts.stitch.command``) edits a saved stitch checkpoint directly: it
@@ -22,10 +23,12 @@ import torch
 from torch import nn
 
 from bts.core.io import BTSError, atomic_dir, copy_tokenizer_files
+from bts.stitch.layer import CLOSED_GATE_LOGIT
 from bts.stitch.model import StitchedLM
 
 _PROJ = "stitch_proj"
 _GATE = "stitch_gate.weight"
+_BIAS = "stitch_gate_bias"  # closed H2E layers only (h2e_gate_init: closed)
 
 
 def _layer_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -35,7 +38,7 @@ def _layer_keys(state: dict[str, torch.Tensor]) -> list[str]:
     for p in prefixes:
         if p + _PROJ not in state or p + _GATE not in state:
             raise BTSError(f"stitch state is missing {p}{_PROJ} or {p}{_GATE}")
-    if len(state) != 2 * len(prefixes):
+    if len(state) != 2 * len(prefixes) + sum(p + _BIAS in state for p in prefixes):
         raise BTSError(f"unexpected tensors in stitch state: {sorted(state)[:5]}")
     return prefixes
 
@@ -75,6 +78,14 @@ def remap_stitch_state(
                 new_gate[:, i] = gate_src[:, s]
         out[prefix + _PROJ] = new_proj
         out[prefix + _GATE] = new_gate.reshape((n_dst + 1) * d, d)
+        if prefix + _BIAS in state:
+            bias_src = state[prefix + _BIAS].view(d, n_src + 1)  # [d, model], the gate rows' layout
+            new_bias = torch.full((d, n_dst + 1), CLOSED_GATE_LOGIT, dtype=bias_src.dtype, device=bias_src.device)
+            new_bias[:, 0] = bias_src[:, 0]
+            for i, name in enumerate(dst_names[1:], start=1):
+                if name in src_names[1:]:
+                    new_bias[:, i] = bias_src[:, src_names.index(name)]
+            out[prefix + _BIAS] = new_bias.reshape((n_dst + 1) * d)
     return out, [n for n in dst_names[1:] if n not in src_names[1:]]
 
 
@@ -138,6 +149,8 @@ def new_slice_masks(model: StitchedLM, new_names: Sequence[str]) -> dict[str, to
             gate[:, i] = True
         masks[f"stitch_layers.{j}.{_PROJ}"] = proj
         masks[f"stitch_layers.{j}.{_GATE}"] = gate.reshape((n + 1) * d, d)
+        if layer.stitch_gate_bias is not None:
+            masks[f"stitch_layers.{j}.{_BIAS}"] = gate[:, :, 0].reshape((n + 1) * d)
     return masks
 
 

@@ -61,7 +61,8 @@ class StitchModule(LMTrainingModule):
             expert_names: names of the experts, i.e. their domains (default: the directory names without a leading
                 ``expert_``: ``runs/tiny/expert_code`` → ``code``), one per expert.
             hub_name: name of the hub (default: the directory name).
-            stitch: stitch configuration: K, alternating vs all-E2H, gate dropout, init (default ``StitchConfig()``).
+            stitch: stitch configuration: K, alternating vs all-E2H, gate dropout, init, H2E gate init (default
+                ``StitchConfig()``).
             init_stitch_from: trained stitch checkpoint to start from (adding an expert): slices of models with the
                 same names are copied (their weights must match the checkpoint's sha256), new experts start at
                 identity projections and zero gates. The hub and the stitch config must match.
@@ -117,10 +118,12 @@ class StitchModule(LMTrainingModule):
         src_names = [manifest["hub"]["name"], *[e["name"] for e in manifest["experts"]]]
         cfg = manifest_config(manifest)
         mine = self.model.config
-        if (cfg.num_stitch_layers, cfg.all_e2h) != (mine.num_stitch_layers, mine.all_e2h):
+        if ((cfg.num_stitch_layers, cfg.all_e2h, cfg.h2e_gate_init)
+                != (mine.num_stitch_layers, mine.all_e2h, mine.h2e_gate_init)):
             raise BTSError(
-                f"init_stitch_from={ckpt} has num_stitch_layers={cfg.num_stitch_layers}, all_e2h={cfg.all_e2h}; "
-                f"this run has {mine.num_stitch_layers}, {mine.all_e2h}"
+                f"init_stitch_from={ckpt} has num_stitch_layers={cfg.num_stitch_layers}, all_e2h={cfg.all_e2h}, "
+                f"h2e_gate_init={cfg.h2e_gate_init}; this run has {mine.num_stitch_layers}, {mine.all_e2h}, "
+                f"{mine.h2e_gate_init}"
             )
         if (
             manifest["hidden_size"] != self.model.hidden_size
