@@ -128,7 +128,13 @@ def test_missing_and_truncated_lightning_checkpoint(tmp_path, env, capsys):
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:3000])
     line = _run(tmp_path, env, capsys, extra=["--ckpt_path", str(ckpt)])
-    assert line.startswith(f"error: checkpoint {ckpt} is truncated or corrupt")
+    assert line.startswith(f"error: checkpoint {ckpt} is truncated")
+    # not a zip archive at all (the head of a safetensors file): no advice to unpickle it with weights_only=False
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype": "F32"')
+    line = _run(tmp_path, env, capsys, extra=["--ckpt_path", str(other)])
+    assert line.startswith(f"error: checkpoint {other} is truncated or not a PyTorch checkpoint")
+    assert "weights_only" not in line and "pickled" not in line
 
 
 def test_corrupt_stitch_checkpoint(tmp_path, env, capsys):
@@ -159,7 +165,8 @@ def test_zero_experts(tmp_path, env, capsys):
 
 def test_same_expert_twice(tmp_path, env, capsys):
     line = _run(tmp_path, env, capsys, model={"experts": _models(env, "code", "code")})
-    assert line == f"error: the same model directory is passed twice: {env['models']['code']}"
+    assert line.startswith(f"error: the same model directory is passed twice: {env['models']['code']}")
+    assert f"cp -r {env['models']['code']} " in line  # and how to do it
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -199,6 +200,12 @@ def config_hash(obj) -> str:
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
+def _starts_like_legacy_torch_save(path: Path) -> bool:
+    """torch.save's pre-1.6 format is a bare pickle stream: protocol 2+ opcode first."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def check_lightning_checkpoint(path: str | os.PathLike) -> None:
     """Refuse, with one clear ``BTSError``, a Lightning checkpoint that is missing, truncated/corrupt, not a
     Lightning checkpoint, or that holds pickled objects other than tensors and plain containers (it is opened
@@ -214,6 +221,10 @@ def check_lightning_checkpoint(path: str | os.PathLike) -> None:
         return
     if not path.is_file():
         raise BTSError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path) and not _starts_like_legacy_torch_save(path):
+        # a cut-off zip has no central directory: say so rather than pass torch's advice to unpickle it unsafely
+        raise BTSError(f"checkpoint {path} is truncated or not a PyTorch checkpoint (no zip archive or pickle "
+                       "inside); use another checkpoint, e.g. the previous one in its directory")
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -265,7 +265,9 @@ class StitchedLM(nn.Module):
         resolved = [d.resolve() for d in dirs]
         for i, r in enumerate(resolved):
             if r in resolved[:i]:
-                raise BTSError(f"the same model directory is passed twice: {dirs[i]}")
+                raise BTSError(f"the same model directory is passed twice: {dirs[i]} (each model of a stitch is "
+                               "named after its directory; to stitch the same weights twice, copy it under another "
+                               f"name: cp -r {dirs[i]} {dirs[i]}_copy)")
         models = [load_causal_lm(d, dtype=dtype) for d in dirs]
         return cls(
             models[0],
