@@ -98,7 +98,8 @@ def test_every_command_has_a_parser_with_its_documented_options():
                 "import-gguf": {"--model", "--gguf", "--out", "--cache-dir", "--force"},
                 "data": {"--cache-dir", "--domains", "--force", "--tokenizer", "--check-digests", "--write-digests"},
                 "compare": {"--against", "--top", "--json"},
-                "sweep": {"--config", "--profile", "--no-progress", "--jobs", "--table-only"}}
+                "sweep": {"--config", "--profile", "--no-progress", "--jobs", "--table-only"},
+                "gates": {"--ckpt", "--out", "--tokenizer", "--tensorboard", "--n-prompts", "--max-tokens", "--n-switch"}}
     for name, command in COMMANDS.items():
         if command.legacy:
             continue

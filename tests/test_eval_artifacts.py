@@ -150,7 +150,7 @@ def test_gates_read_the_kind(artifacts, tmp_path, capsys):
 def test_gates_on_a_stitch_checkpoint_without_tokenizer_flag(artifacts, tmp_path, capsys):
     dirs, _, _ = artifacts
     out = tmp_path / "g"
-    rc = bts_main(["gates", "--model", str(dirs["bts"]), "--out", str(out), "--n-prompts", "1", "--max-tokens", "24",
+    rc = bts_main(["gates", "--ckpt", str(dirs["bts"]), "--out", str(out), "--n-prompts", "1", "--max-tokens", "24",
                    "--n-switch", "1", "--domains", "general,code"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     assert json.loads((out / "gates.json").read_text())["checkpoint"] == str(dirs["bts"])

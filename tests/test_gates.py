@@ -16,7 +16,6 @@ import bts.data
 from bts.core.io import BTSError
 from bts.stitch.checkpoint import save_stitched
 from bts.stitch.gates.analysis import analyze
-from bts.stitch.gates.command import main
 from bts.stitch.gates.figures import switch_figure
 from bts.stitch.gates.prompts import GATE_SWITCH_TYPES, domain_prompts, switch_prompts
 from bts.stitch.gates.summary import markdown_table, own_domain_flags, summarize
@@ -320,14 +319,19 @@ def test_analyze_input_errors_write_nothing(model, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ command
 def test_command_errors_cleanly_on_missing_checkpoint(tmp_path, capsys):
+    from bts.cli.main import main as bts_main
+
     out = tmp_path / "out"
     for ckpt in (tmp_path / "missing", tmp_path):  # no directory; a directory without bts.json
-        rc = main(["--ckpt", str(ckpt), "--tokenizer", str(tmp_path), "--out", str(out)])
+        rc = bts_main(["gates", "--ckpt", str(ckpt), "--tokenizer", str(tmp_path), "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()
-    assert main(["--ckpt", "x"]) == 2 and "required" in capsys.readouterr().err
-    assert main(["--help", "--ckpt", "x"]) == 0 and capsys.readouterr().err == ""  # help wins, no error
+    assert bts_main(["gates", "--ckpt", "x"]) == 2 and "out" in capsys.readouterr().err
+    assert bts_main(["gates", "--help", "--ckpt", "x"]) == 0 and capsys.readouterr().err == ""  # help wins
+    # an output that cannot be written is refused before the checkpoint is looked at
+    assert bts_main(["gates", "--ckpt", str(tmp_path / "missing"), "--out", "/proc/gates"]) == 2
+    assert "not writable" in capsys.readouterr().err
 
 
 def test_command_end_to_end_on_saved_checkpoint(tmp_path, monkeypatch, capsys):

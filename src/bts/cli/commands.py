@@ -68,7 +68,7 @@ COMMANDS: dict[str, Command] = {
     "data": Command("bts.data.command:data_command", loads_models=False),
     "stitch-remove": Command("bts.stitch.command:stitch_remove_command"),
     "merge": Command("baselines.merge_command:merge_command"),
-    "gates": Command("bts.stitch.gates.command:main", legacy=True),
+    "gates": Command("bts.stitch.gates.command:gates_command"),
     "compare": Command("bts.pipeline.compare:compare_command", loads_models=False),
     "ceiling": Command("bts.stitch.command:ceiling_command"),
     "import-gguf": Command("bts.dense.gguf_import:import_gguf_command"),

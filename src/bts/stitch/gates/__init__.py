@@ -34,7 +34,7 @@ per token (the weights of one token sum to 1). This package
    for the results README) and, optionally, the figures / scalars / table to TensorBoard (``log_to_tensorboard``).
 
 Errors in the input (missing checkpoint, tokenizer, records; a tokenizer larger than the model's vocabulary) raise
-``BTSError`` before anything is written; ``command.main`` (``bts gates``) prints them as one ``error: ...`` line and
+``BTSError`` before anything is written; ``bts gates`` (``command.gates_command``) prints them as one ``error: ...`` line and
 exits 2.
 
 Modules: ``trace`` (recording the gates), ``prompts`` (domain and context-switching prompts), ``summary`` (means,
