@@ -17,6 +17,7 @@ import tiny_fit as tf
 from bts.cli.commands import COMMANDS, one_line_help
 from bts.cli.main import main as bts_main
 from bts.cli.run_dir import apply_run_dir
+from bts.core.io import BTSError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,3 +142,18 @@ def test_validate_before_training_says_what_to_pass(family, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith(f"error: bts test of this config would evaluate its starting "
                                                    f"point {dirs['base']} (model.init_args.init_from)")
     assert "--ckpt_path" in lines[0] and "--model.init_args.init_from" in lines[0]
+
+
+def test_run_dir_with_an_overlay_that_names_no_paths(tmp_path):
+    """An overlay of trainer settings beside the stage config: the stage config is relocated, the overlay applies as
+    it is; an overlay alone has nothing to relocate and is one error."""
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text("trainer:\n  max_steps: 2\n")
+    run = tmp_path / "run"
+    argv = apply_run_dir(["fit", "--config", str(ROOT / "configs/seed/tiny.yaml"), "--config", str(overlay),
+                          "--run_dir", str(run)])
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    assert configs[1] == str(overlay) and Path(configs[0]).parent == run / "configs"
+    assert yaml.safe_load(Path(configs[0]).read_text())["model"]["init_args"]["output_dir"].startswith(str(run) + "/")
+    with pytest.raises(BTSError, match="no --config given has any"):
+        apply_run_dir(["fit", "--config", str(overlay), "--run_dir", str(run)])

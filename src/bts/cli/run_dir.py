@@ -119,8 +119,10 @@ def apply_run_dir(argv: list[str]) -> list[str]:
         if not src.is_file():
             raise BTSError(f"config file not found: {src}")
         text = src.read_text(encoding="utf-8")
-        if run_root(text) is None:
-            raise BTSError(f"{src} has no paths under a run root (runs/<name>/...): --run_dir has nothing to relocate")
+        if run_root(text) is None:  # an overlay without paths (e.g. only trainer settings) applies as it is
+            out += ["--config", str(src)]
+            i += 1
+            continue
         text = _tokenizer_from_hub(relocate_text(text, run_dir), argv, run_dir)
         n += 1
         dest = Path(run_dir) / "configs" / (src.name if n == 1 else f"{src.stem}.{n}{src.suffix}")
@@ -128,5 +130,6 @@ def apply_run_dir(argv: list[str]) -> list[str]:
         out += ["--config", str(dest)]
         i += 1
     if n == 0:
-        raise BTSError("--run_dir relocates the paths of a --config file; pass --config too")
+        raise BTSError("--run_dir relocates the paths under a run root (runs/<name>/...) of a --config file, and no "
+                       "--config given has any; pass the stage config too")
     return out
