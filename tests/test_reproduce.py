@@ -85,7 +85,8 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     n, K, d = cfg["n_experts"], cfg["stitch_layers"], cfg["d_model"]
     bts = metrics["methods"]["bts"]["params"]
     seed = metrics["methods"]["seed"]["params"]["total"]
-    assert bts["trained"] == K * (2 * n + 1) * d * d
+    # eq. 3-4 per stitch layer, plus the closed H2E gates' logit bias ((n + 1)·d) in each of the K/2 H2E layers
+    assert bts["trained"] == K * (2 * n + 1) * d * d + (K // 2) * (n + 1) * d
     assert bts["total"] == bts["trained"] + (n + 1) * seed
     for f in ("table.md", "params.md", "ablations.md", "README.md", "gates.json"):
         assert (results / f).is_file(), f
