@@ -42,11 +42,12 @@ def test_bad_sweep_keys(tmp_path):
     with pytest.raises(BTSError, match="not in the base config"):
         point_config(base, "s", "p", {"model.init_args.stitch.bogus": 1})
     # '+' adds a setting the base leaves at its default; its section must exist
-    added = point_config(base, "s", "p", {"+model.init_args.stitch.h2e_gate_init": "closed"})
-    assert added["model"]["init_args"]["stitch"]["h2e_gate_init"] == "closed"
-    assert "h2e_gate_init" not in base["model"]["init_args"]["stitch"]
+    assert "activation_checkpointing" not in base["model"]["init_args"]["stitch"]
+    added = point_config(base, "s", "p", {"+model.init_args.stitch.activation_checkpointing": True})
+    assert added["model"]["init_args"]["stitch"]["activation_checkpointing"] is True
+    assert "activation_checkpointing" not in base["model"]["init_args"]["stitch"]  # the base is not mutated
     with pytest.raises(BTSError, match="'stitches' is not a section"):
-        point_config(base, "s", "p", {"+model.init_args.stitches.h2e_gate_init": "closed"})
+        point_config(base, "s", "p", {"+model.init_args.stitches.activation_checkpointing": True})
     bad = tmp_path / "s.yaml"
     bad.write_text("name: s\nbase: configs/bts/tiny.yaml\ngrid: {a: [1]}\nextra: 1\n")
     with pytest.raises(BTSError, match="unknown key 'extra'"):

@@ -18,7 +18,8 @@ SWEEP_KEYS = {"name", "base", "after", "grid", "points", "family", "stages", "ev
 
 def _set(cfg: dict, dotted: str, value) -> None:
     """Set ``dotted`` in ``cfg``. The key must be in the base config (a typo fails here), unless it starts with ``+``:
-    then it is added (a setting the base config leaves at its default, e.g. ``+model.init_args.stitch.h2e_gate_init``)
+    then it is added (a setting the base config leaves at its default, e.g.
+    ``+model.init_args.stitch.activation_checkpointing``)
     and only its section must exist."""
     add = dotted.startswith("+")
     node = cfg
