@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bts.core.io import BTSError, describe_dir
+from bts.core.io import BTSError, check_lightning_checkpoint, describe_dir
 
 _force_requested = False
 
@@ -147,38 +146,29 @@ def config_fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def _load(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def checkpoint_fingerprint(path: Path) -> str | None:
-    for state in (_load(path).get("callbacks") or {}).values():
+def checkpoint_fingerprint(ckpt: dict) -> str | None:
+    """The configuration fingerprint ``InterruptCheckpoint`` stored in a loaded checkpoint, or None."""
+    for state in (ckpt.get("callbacks") or {}).values():
         if isinstance(state, dict) and "config_fingerprint" in state:
             return state["config_fingerprint"]
     return None
 
 
 def resumable_checkpoint(trainer) -> Path | None:
-    """The newest (most steps) of ``last.ckpt`` in the directory of the run's first configured ``ModelCheckpoint``
-    and the last ``hpc_ckpt_<n>.ckpt`` that Lightning's SLURM auto-requeue saved in ``default_root_dir`` (on
-    SIGUSR1, before the job's SIGTERM), or None."""
-    found = []
-    for cb in trainer.checkpoint_callbacks:
-        if getattr(cb, "dirpath", None):
-            found.append(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-            break
+    """The newest (most steps) of the ``last.ckpt`` an interrupted fit saves (``interrupt_checkpoint_path``) and
+    the last ``hpc_ckpt_<n>.ckpt`` that Lightning's SLURM auto-requeue saved in ``default_root_dir`` (on SIGUSR1,
+    before the job's SIGTERM), or None."""
+    from bts.training.interrupt import interrupt_checkpoint_path  # lightning: not for the precheck
+
     hpc = sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"),
                  key=lambda p: int(p.stem.rpartition("_")[2]) if p.stem.rpartition("_")[2].isdigit() else -1)
-    found += hpc[-1:]
-    found = [p for p in found if p.is_file()]
+    found = [p for p in [interrupt_checkpoint_path(trainer), *hpc[-1:]] if p.is_file()]
     if len(found) > 1:
         steps = {}
         for p in found:
             try:
-                steps[p] = int(_load(p).get("global_step", -1))
-            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):  # unreadable: reported below if it is chosen
+                steps[p] = int(check_lightning_checkpoint(p).get("global_step", -1))
+            except BTSError:  # unreadable: reported when it is chosen
                 steps[p] = -1
         found.sort(key=lambda p: steps[p], reverse=True)
     return found[0] if found else None
@@ -187,7 +177,6 @@ def resumable_checkpoint(trainer) -> Path | None:
 def decide_fit(trainer, model, fit_config: dict, ckpt_path: str | None) -> tuple[str | None, str | None]:
     """Apply the rule to an instantiated ``bts fit`` (after ``precheck_fit``): ``(checkpoint to resume or None, the
     config label for ``mark_resuming`` or None)``; prints the one line saying what it does."""
-    from bts.core.io import check_lightning_checkpoint
     from bts.training.interrupt import InterruptCheckpoint
 
     forced = take_force()
@@ -204,11 +193,11 @@ def decide_fit(trainer, model, fit_config: dict, ckpt_path: str | None) -> tuple
         return None, None
     hint = f"pass --ckpt_path {last} to resume it anyway, --force to start over, or use a fresh --run_dir"
     try:
-        check_lightning_checkpoint(last)
+        ckpt = check_lightning_checkpoint(last)
     except BTSError as e:
         raise BTSError(f"{e}: it is the checkpoint of an interrupted run; pass --force to start over, or use a fresh "
                        "--run_dir") from None
-    found = checkpoint_fingerprint(last)
+    found = checkpoint_fingerprint(ckpt)
     if found is None:
         raise BTSError(f"{last} holds an earlier run whose configuration is unknown (no fingerprint); {hint}")
     if found != fingerprint:

@@ -206,19 +206,20 @@ def _starts_like_legacy_torch_save(path: Path) -> bool:
         return f.read(1) == b"\x80"
 
 
-def check_lightning_checkpoint(path: str | os.PathLike) -> None:
+def check_lightning_checkpoint(path: str | os.PathLike) -> dict | None:
     """Refuse, with one clear ``BTSError``, a Lightning checkpoint that is missing, truncated/corrupt, not a
     Lightning checkpoint, or that holds pickled objects other than tensors and plain containers (it is opened
-    with ``torch.load(weights_only=True)``, memory-mapped, so nothing is executed and little is read).
+    with ``torch.load(weights_only=True)``, memory-mapped, so nothing is executed and little is read). Returns the
+    loaded checkpoint, so that a caller reading its entries loads it once.
 
-    Sharded checkpoints (directories, e.g. FSDP/DeepSpeed) are left to Lightning."""
+    Sharded checkpoints (directories, e.g. FSDP/DeepSpeed) are left to Lightning (None)."""
     import pickle
 
     import torch
 
     path = Path(path)
     if path.is_dir():
-        return
+        return None
     if not path.is_file():
         raise BTSError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path) and not _starts_like_legacy_torch_save(path):
@@ -241,6 +242,7 @@ def check_lightning_checkpoint(path: str | os.PathLike) -> None:
         raise BTSError(f"checkpoint {path} is truncated or corrupt ({first})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise BTSError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return ckpt
 
 
 @contextlib.contextmanager
