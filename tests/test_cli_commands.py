@@ -99,10 +99,12 @@ def test_every_command_has_a_parser_with_its_documented_options():
                 "data": {"--cache-dir", "--domains", "--force", "--tokenizer", "--check-digests", "--write-digests"},
                 "compare": {"--against", "--top", "--json"},
                 "sweep": {"--config", "--profile", "--no-progress", "--jobs", "--table-only"},
-                "gates": {"--ckpt", "--out", "--tokenizer", "--tensorboard", "--n-prompts", "--max-tokens", "--n-switch"}}
+                "gates": {"--ckpt", "--out", "--tokenizer", "--tensorboard", "--n-prompts", "--max-tokens", "--n-switch"},
+                "reproduce": {"--profile", "--seeds", "--force", "--no-progress", "--jobs", "--force-results",
+                              "--allow-changed-models", "--bundle"},
+                "bundle": {"--verify", "--with-corpus", "--without-data-wheels", "--deps", "--have",
+                           "--python-version", "--platform", "--cache-dir", "--project"}}
     for name, command in COMMANDS.items():
-        if command.legacy:
-            continue
         module, _, fn = command.target.partition(":")
         parser = build_parser(name, getattr(importlib.import_module(module), fn))
         flags = {s for a in parser._actions for s in a.option_strings}
@@ -110,10 +112,27 @@ def test_every_command_has_a_parser_with_its_documented_options():
     assert not expected
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["reproduce", "--seeds", "two"], "--seeds"),
+    (["reproduce", "--seeds", "0"], "--seeds must be >= 1"),
+    (["reproduce", "--force"], "--force"),
+    (["reproduce", "--profile", "no_such_profile"], "no_such_profile"),
+    (["reproduce", "--jobs", "0"], "--jobs must be >= 1"),
+    (["bundle", "out", "--platform"], "--platform"),
+    (["bundle", "out", "--deps", "--python-version", "3.12", "--platform", "a", "B!"], "not a wheel platform tag"),
+])
+def test_reproduce_and_bundle_usage_errors(argv, says, tmp_path, capsys, monkeypatch):
+    """The two pipeline commands parse by their signatures too: a bad value is one line naming it, nothing run."""
+    monkeypatch.chdir(tmp_path)
+    assert bts_main(argv) == 2
+    assert says in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_imports_no_torch():
     """`bts <cmd> --help` of every converted command (and `bts --help`) imports neither torch nor lightning nor
     transformers: it answers in a fraction of a second (timings: benchmarks/STARTUP.md)."""
-    names = [n for n, c in COMMANDS.items() if not c.legacy]
+    names = list(COMMANDS)
     code = ("import sys; from bts.cli.main import main\n"
             f"for name in {names!r} + [None]:\n"
             "    rc = main([name, '--help'] if name else ['--help'])\n"
@@ -222,12 +241,16 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path):
 
 
 def test_a_command_prints_no_error_itself():
-    """Errors are printed once, by bts.cli.main: no command module catches BTSError or prints `error:`."""
+    """Errors are printed once, by bts.cli.main: no command module swallows a BTSError (catching one to raise a
+    clearer one is fine) or prints `error:`, and none has a parser of its own."""
+    import ast
+
     for command in COMMANDS.values():
-        if command.legacy:
-            continue
         module = command.target.partition(":")[0]
         source = (ROOT / "src" / Path(*module.split("."))).with_suffix(".py").read_text()
-        assert "except BTSError" not in source and not re.search(r"print\(f?[\"']error", source), module
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ExceptHandler) and "BTSError" in ast.unparse(node.type or ast.Name("")):
+                assert isinstance(node.body[-1], ast.Raise), (module, node.lineno)
+        assert not re.search(r"print\(f?[\"']error", source), module
         assert "CommandParser" not in source, module
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bts.cli.main import main as bts_main
 from bts.core.io import BTSError, exclusive_lock
 from bts.eval.config import EvalConfig
-from bts.pipeline.command import main
 from bts.pipeline.profile import load_profile
 from bts.pipeline.summary import aggregate_seeds
 
@@ -61,7 +61,7 @@ def _check_entry(name: str, e: dict, no_signal=()) -> None:
 def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # stage configs name configs/... relative to the repository
     profile = _smoke_profile(tmp_path)
-    assert main(["--profile", str(profile), "--no-progress"]) == 0
+    assert bts_main(["reproduce", "--profile", str(profile), "--no-progress"]) == 0
     results = tmp_path / "results"
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["profile"] == "smoke" and metrics["seeds"] == [0]
@@ -102,7 +102,7 @@ def test_reduced_reproduction_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "bts" / "stitch.safetensors").is_file()
     assert not ckpts.exists() or not any(ckpts.rglob("*.ckpt"))
     # A second run reuses every stage (nothing retrains) and gives the same numbers.
-    assert main(["--profile", str(profile), "--no-progress"]) == 0
+    assert bts_main(["reproduce", "--profile", str(profile), "--no-progress"]) == 0
     again = json.loads((results / "metrics.json").read_text())
     assert again["methods"] == metrics["methods"] and again["ablations"] == metrics["ablations"]
     assert set(again["stage_seconds"]["seed0"]) <= {"data"}

@@ -76,6 +76,17 @@ def test_import_reproduces_transformers_gguf_logits(smol_gguf, smol_dir, smol, s
     assert manifest["n_params"] == sum(p.numel() for p in smol.parameters()) == 134_515_008
 
 
+def test_the_gguf_conversion_bar_is_silenced(capfd):
+    """transformers' GGUF dequantisation bar (a plain tqdm) is off while bts loads a GGUF file, and only then."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    with gguf_import.no_conversion_bar():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" not in capfd.readouterr().err
+    list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" in capfd.readouterr().err
+
+
 def test_import_is_idempotent_and_notices_a_changed_output(smol_dir, smol_gguf, tmp_path):
     before = (smol_dir / "model.safetensors").stat().st_mtime_ns
     assert gguf_import.import_gguf() == smol_dir

@@ -33,10 +33,7 @@ The function checks every output before the work starts (``bts.core.io.check_out
 raises ``BTSError`` for anything the user can fix and prints no error itself (``bts.cli.main`` prints one
 ``error:`` line, exit 2); it returns the exit status (None is 0).
 
-Adding a command: write the function, add one line to ``COMMANDS``. Converting a legacy command (``reproduce``,
-``gates``, ``bundle``: a ``main(argv)`` with its own ``bts.core.io.CommandParser``): move its options into a typed
-function as above (keep every option name: tests and docs use them), drop the parser and any ``except BTSError``
-printing, and change its entry from ``Command("pkg.module:main", legacy=True)`` to ``Command("pkg.module:fn")``.
+Adding a command: write the function, add one line to ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -54,15 +51,13 @@ from bts.core.io import FORCE_HELP, BTSError
 @dataclass(frozen=True)
 class Command:
     target: str
-    """``"module:function"``: the typed command function (or, ``legacy``, a ``main(argv) -> int``)."""
-    legacy: bool = False
-    """An argparse ``main(argv)`` not converted yet (see the module docstring)."""
+    """``"module:function"``: the typed command function."""
     loads_models: bool = True
     """It loads models: Lightning's tips and the weight-loading bars are silenced first (``bts.core.quiet``)."""
 
 
 COMMANDS: dict[str, Command] = {
-    "reproduce": Command("bts.pipeline.command:main", legacy=True),
+    "reproduce": Command("bts.pipeline.command:reproduce_command"),
     "sweep": Command("bts.pipeline.sweep:sweep_command"),
     "eval": Command("bts.eval.command:eval_command"),
     "data": Command("bts.data.command:data_command", loads_models=False),
@@ -72,38 +67,30 @@ COMMANDS: dict[str, Command] = {
     "compare": Command("bts.pipeline.compare:compare_command", loads_models=False),
     "ceiling": Command("bts.stitch.command:ceiling_command"),
     "import-gguf": Command("bts.dense.gguf_import:import_gguf_command"),
-    "bundle": Command("bts.offline.bundle:main", legacy=True, loads_models=False),
+    "bundle": Command("bts.offline.bundle:bundle_command", loads_models=False),
 }
 """Every project command (``bts fit|validate|test|predict`` are Lightning's, ``bts.cli.lightning``)."""
 
 
 def one_line_help(command: Command) -> str:
-    """The first line of the command function's docstring (legacy: of its module's), read without importing."""
+    """The first line of the command function's docstring, read without importing."""
     module, _, name = command.target.partition(":")
     path = module_file(module)
     if path is None:
         return command.target
     text = path.read_text(encoding="utf-8")
     # parse only the docstring's surroundings: a whole module costs tens of ms, times every command
-    if command.legacy:
-        snippet = text[:text.find('"""', text.find('"""') + 3) + 3]
-    else:
-        start = text.find(f"\ndef {name}(") + 1
-        snippet = text[start:text.find("\ndef ", start) if "\ndef " in text[start:] else None] if start else text
+    start = text.find(f"\ndef {name}(") + 1
+    snippet = text[start:text.find("\ndef ", start) if "\ndef " in text[start:] else None] if start else text
     try:
         tree = ast.parse(snippet)
     except SyntaxError:  # the slice ended inside something (a decorator of the next function)
         tree = ast.parse(text)
-    node = tree if command.legacy else next(
-        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
     doc = ast.get_docstring(node) if node is not None else None
     if not doc:
         return command.target
-    first = doc.split("\n\n")[0].replace("\n", " ")
-    if first.startswith("`bts ") and "`: " in first:  # a module docstring: "`bts x`: what it does"
-        first = first.split("`: ", 1)[1]
-    first = first.split(". ")[0]
-    return (first.split("; ")[0] if command.legacy else first).rstrip(".")
+    return doc.split("\n\n")[0].replace("\n", " ").split(". ")[0].rstrip(".")
 
 
 def load(command: Command):
@@ -145,7 +132,8 @@ def build_parser(name: str, fn):
     hints = typing.get_type_hints(fn)
     for param in inspect.signature(fn).parameters.values():
         hint = hints.get(param.name, str)
-        help_text = FORCE_HELP if param.name == "force" else helps.get(param.name, "")
+        # a switch named force is always the one meaning of --force; a list (reproduce's stages) is its own
+        help_text = FORCE_HELP if param.name == "force" and hint is bool else helps.get(param.name, "")
         required = param.default is inspect.Parameter.empty
         if param.kind is inspect.Parameter.POSITIONAL_ONLY:
             parser.add_argument(param.name, type=hint, help=help_text, metavar=param.name.upper(),
@@ -198,8 +186,6 @@ def run(name: str, argv: list[str]) -> int:
 
     command = COMMANDS[name]
     fn = load(command)
-    if command.legacy:
-        return int(fn(argv) or 0)
     parser = build_parser(name, fn)
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help(sys.stdout)

@@ -18,6 +18,8 @@ import (``bts.core.io.check_output``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -132,6 +134,23 @@ def fp32_bytes(gguf_path: Path) -> int:
     return 4 * sum(int(t.n_elements) for t in reader.tensors)
 
 
+@contextlib.contextmanager
+def no_conversion_bar():
+    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar: a weight-loading bar like those
+    ``bts.core.quiet`` silences, but a plain ``tqdm`` that its progress switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # a transformers without that bar
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def load_gguf(gguf_path: Path):
     """(model, tokenizer) as ``transformers`` loads them from a GGUF file, dequantised to fp32."""
     import torch
@@ -140,8 +159,9 @@ def load_gguf(gguf_path: Path):
     from bts.core import hf_compat
 
     kw = {"gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw,
-                                                 **hf_compat.load_kwargs())
+    with no_conversion_bar():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw,
+                                                     **hf_compat.load_kwargs())
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     return model.eval(), tok
 

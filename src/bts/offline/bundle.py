@@ -40,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bts.core.io import BTSError, CommandParser, atomic_dir, ensure_writable_dir, sha256_file
+from bts.core.io import BTSError, atomic_dir, ensure_writable_dir, sha256_file
 from bts.data.corpus import ensure_built
 from bts.data.domains import DOMAINS, default_cache_dir
 from bts.data.sources.wheels import WHEELS, fetch_wheel
@@ -48,7 +48,6 @@ from bts.dense.gguf_import import WHEEL_MODELS
 from bts.offline import node as offline
 from bts.offline.wheels import (
     DEFAULT_PLATFORMS,
-    IMAGES,
     download_wheels,
     expand_platforms,
     last_line,
@@ -247,58 +246,64 @@ Moving it in pieces of at most 60 MB, and what the node does with it: docs/offli
 
 
 # -------------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(prog="bts bundle", description="Gather what the profiles need from a package index into one "
-                       "folder for a machine without network (docs/offline.md), or check such a folder.")
-    ap.add_argument("out", nargs="?", help="the bundle folder to write (created, or updated if it is a bundle)")
-    ap.add_argument("--verify", metavar="DIR", help="check every file of the bundle DIR against bundle.json, then exit")
-    ap.add_argument("--with-corpus", action="store_true",
-                    help="include the embedded corpus built here (the node uses it as is, whatever its Python)")
-    ap.add_argument("--without-data-wheels", action="store_true",
-                    help="with --with-corpus: leave out the wheels the corpus was built from (the node cannot "
-                    "rebuild it then; the SmolLM2 wheel stays)")
-    ap.add_argument("--deps", action="store_true",
-                    help="include the wheels of the run-time packages the node lacks (see --have)")
-    ap.add_argument("--have", help=f"what the node has: a built-in image ({', '.join(IMAGES)}; the default), a "
-                    "`pip freeze` file from the node, or none (carry everything, torch included)")
-    ap.add_argument("--python-version", help="the node's Python, MAJOR.MINOR (default: the image's, else this one's)")
-    ap.add_argument("--platform", action="append",
-                    help=f"the node's wheel platform tag, repeatable; manylinux_2_N also takes the older glibc tags "
-                    f"(default: {' '.join(DEFAULT_PLATFORMS)})")
-    ap.add_argument("--cache-dir", help="cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)")
-    ap.add_argument("--project", help="the project's source tree (default: the one bts runs from)")
-    args = ap.parse_args(argv)
+def bundle_command(out: str | None = None, /, verify: str | None = None, with_corpus: bool = False,
+                   without_data_wheels: bool = False, deps: bool = False, have: str | None = None,
+                   python_version: str | None = None, platform: list[str] | None = None,
+                   cache_dir: str | None = None, project: str | None = None) -> int:
+    """gather what the profiles need from a package index into one folder for a machine without network
+
+    Or check such a folder (--verify). The walk-through, moving it in pieces of at most 60 MB: docs/offline.md.
+    Examples:
+
+        bts bundle BUNDLE --with-corpus --deps --have h200   # for the GPU image (Python 3.12)
+        bts bundle --verify BUNDLE
+
+    Args:
+        out: the bundle folder to write (created, or updated if it is a bundle)
+        verify: check every file of this bundle folder against bundle.json, then exit
+        with_corpus: include the embedded corpus built here (the node uses it as is, whatever its Python)
+        without_data_wheels: with --with-corpus: leave out the wheels the corpus was built from (the node cannot
+            rebuild it then; the SmolLM2 wheel stays)
+        deps: include the wheels of the run-time packages the node lacks (see --have)
+        have: what the node has: a built-in image (h200, the default), a `pip freeze` file from the node, or none
+            (carry everything, torch included)
+        python_version: the node's Python, MAJOR.MINOR (default: the image's, else this one's)
+        platform: the node's wheel platform tags; manylinux_2_N also takes the older glibc tags (default:
+            manylinux_2_28_x86_64 and what it takes)
+        cache_dir: cache directory (default: $BTS_CACHE_DIR or ./.cache/bts)
+        project: the project's source tree (default: the one bts runs from)
+    """
     os.environ.pop(offline.ENV, None)  # a bundle is made from this machine's own cache, never from another bundle
-    if args.verify is not None:
-        if args.out or args.deps or args.with_corpus or args.without_data_wheels:
+    if verify is not None:
+        if out or deps or with_corpus or without_data_wheels:
             raise BTSError("bts bundle: --verify DIR takes no other argument")
-        man = offline.verify(args.verify)
+        man = offline.verify(verify)
         total = sum(e["bytes"] for e in man["files"].values())
-        print(f"ok: {args.verify}: {len(man['files'])} files ({_mb(total)}) match {offline.MANIFEST}")
+        print(f"ok: {verify}: {len(man['files'])} files ({_mb(total)}) match {offline.MANIFEST}")
         return 0
-    if not args.out:
+    if not out:
         raise BTSError("bts bundle: give the bundle folder (bts bundle DIR), or --verify DIR")
-    if not args.deps and (args.have or args.python_version or args.platform):
+    if not deps and (have or python_version or platform):
         raise BTSError("bts bundle: --have, --python-version and --platform choose the dependency wheels: add --deps")
-    deps = None
-    if args.deps:
-        label, have, image = resolve_have(args.have or "h200")
-        python = args.python_version or (image.python if image else "{}.{}".format(*sys.version_info[:2]))
+    node_deps = None
+    if deps:
+        label, packages, image = resolve_have(have or "h200")
+        python = python_version or (image.python if image else "{}.{}".format(*sys.version_info[:2]))
         if not re.fullmatch(r"3\.\d{1,2}", python):
             raise BTSError(f"--python-version {python}: expected MAJOR.MINOR, e.g. 3.12")
-        platforms = tuple(args.platform or (image.platforms if image else DEFAULT_PLATFORMS))
+        platforms = tuple(platform or (image.platforms if image else DEFAULT_PLATFORMS))
         bad = next((p for p in platforms if not re.fullmatch(r"[a-z0-9_]+", p)), None)
         if bad is not None:
             raise BTSError(f"--platform {bad}: not a wheel platform tag (e.g. manylinux_2_28_x86_64)")
-        deps = {"python": python, "platforms": platforms, "have": (label, have)}
-    root = Path(args.project) if args.project else project_root()
+        node_deps = {"python": python, "platforms": platforms, "have": (label, packages)}
+    root = Path(project) if project else project_root()
     if not (root / "pyproject.toml").is_file():
         raise BTSError(f"no pyproject.toml in {root}: pass --project with the project's source tree")
-    if args.without_data_wheels and not args.with_corpus:
+    if without_data_wheels and not with_corpus:
         raise BTSError("bts bundle: --without-data-wheels needs --with-corpus (the node would have no way to build "
                        "the corpus)")
-    out = Path(args.out)
-    check_out(out)  # before any download or build
-    build(out, cache=default_cache_dir(args.cache_dir), root=root, with_corpus=args.with_corpus, deps=deps,
-          data_wheels=not args.without_data_wheels)
+    folder = Path(out)
+    check_out(folder)  # before any download or build
+    build(folder, cache=default_cache_dir(cache_dir), root=root, with_corpus=with_corpus, deps=node_deps,
+          data_wheels=not without_data_wheels)
     return 0

@@ -19,13 +19,12 @@ The parts: the profile (``bts.pipeline.profile``), one seed's run (``bts.pipelin
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bts.cli import config_check
-from bts.core.io import BTSError, CommandParser, ensure_writable_dir, exclusive_lock
+from bts.core.io import BTSError, ensure_writable_dir, exclusive_lock
 from bts.offline.node import activate
 from bts.pipeline.figures import write_loss_figures
 from bts.pipeline.figures_results import write_metrics_figures
@@ -34,40 +33,48 @@ from bts.pipeline.report import write_results
 from bts.pipeline.run import Pipeline
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = CommandParser(prog="bts reproduce", description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="tiny", help="configs/reproduce/<profile>.yaml or a path (default: tiny)")
-    ap.add_argument("--seeds", type=int, default=1, help="number of seeds; with >1 floats are mean with *_std")
-    ap.add_argument("--force", nargs="*", default=[], help="stage names to rerun even if reusable")
-    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help="independent stages run at a time, each in its own process with cpu_count/jobs torch "
-                    "threads (default: the profile's `jobs`)")
-    ap.add_argument("--force-results", action="store_true",
-                    help="write into a results_dir that holds metrics.json of another profile")
-    ap.add_argument("--allow-changed-models", action="store_true",
-                    help="evaluate stitch checkpoints whose frozen models changed (recorded as changed_models)")
-    ap.add_argument("--bundle", metavar="DIR",
-                    help="an offline bundle (bts bundle): verified, then used instead of the network; as $BTS_BUNDLE")
-    args = ap.parse_args(argv)
-    if args.bundle:  # before any check or stage: a missing or corrupt file is one error line
-        activate(args.bundle)
-    if args.seeds < 1:
-        raise BTSError(f"--seeds must be >= 1 (got {args.seeds})")
-    if args.jobs is not None and args.jobs < 1:
-        raise BTSError(f"--jobs must be >= 1 (got {args.jobs})")
-    profile = load_profile(args.profile)
-    known = ["tokenizer", *(s.name for s in profile.stages)]
-    if set(args.force) - set(known):
-        raise BTSError(f"--force: unknown stage {min(set(args.force) - set(known))!r} (stages of profile "
-                       f"{profile.profile}: {', '.join(known)})")
-    check_accelerator(profile)
-    results_dir = ensure_writable_dir(profile.results_dir)
-    ensure_writable_dir(profile.runs_dir)
-    with exclusive_lock(Path(profile.runs_dir) / ".lock", f"run directory {profile.runs_dir}"):
-        if not args.force_results:
-            check_results_dir(results_dir, profile.profile)
-        return _reproduce(profile, results_dir, args)
+def reproduce_command(profile: str = "tiny", seeds: int = 1, force: list[str] | None = None,
+                      no_progress: bool = False, jobs: int | None = None, force_results: bool = False,
+                      allow_changed_models: bool = False, bundle: str | None = None) -> int:
+    """run the whole paper at laptop scale, one resumable pipeline (docs/design.md §6)
+
+    Stages are reused when their recorded hash matches; an interrupted training stage resumes from its last
+    checkpoint. Examples:
+
+        bts reproduce                               # the tiny profile: results/tiny
+        bts reproduce --profile smol --bundle DIR   # SmolLM2-135M on a GPU node without network
+
+    Args:
+        profile: configs/reproduce/<profile>.yaml or a path to a profile
+        seeds: number of seeds; with more than one, every float is the mean with a *_std beside it
+        force: stage names to rerun even if reusable
+        no_progress: hide progress bars
+        jobs: independent stages run at a time, each in its own process with cpu_count/jobs torch threads
+            (default: the profile's `jobs`)
+        force_results: write into a results_dir that holds metrics.json of another profile
+        allow_changed_models: evaluate stitch checkpoints whose frozen models changed (recorded as changed_models)
+        bundle: an offline bundle folder (bts bundle): verified, then used instead of the network; as $BTS_BUNDLE
+    """
+    if bundle:  # before any check or stage: a missing or corrupt file is one error line
+        activate(bundle)
+    if seeds < 1:
+        raise BTSError(f"--seeds must be >= 1 (got {seeds})")
+    if jobs is not None and jobs < 1:
+        raise BTSError(f"--jobs must be >= 1 (got {jobs})")
+    loaded = load_profile(profile)
+    force = list(force or [])
+    known = ["tokenizer", *(s.name for s in loaded.stages)]
+    if set(force) - set(known):
+        raise BTSError(f"--force: unknown stage {min(set(force) - set(known))!r} (stages of profile "
+                       f"{loaded.profile}: {', '.join(known)})")
+    check_accelerator(loaded)
+    results_dir = ensure_writable_dir(loaded.results_dir)
+    ensure_writable_dir(loaded.runs_dir)
+    with exclusive_lock(Path(loaded.runs_dir) / ".lock", f"run directory {loaded.runs_dir}"):
+        if not force_results:
+            check_results_dir(results_dir, loaded.profile)
+        return _reproduce(loaded, results_dir, seeds=seeds, force=force, progress=not no_progress,
+                          jobs=jobs or loaded.jobs, allow_changed_models=allow_changed_models)
 
 
 def check_accelerator(profile: Profile) -> None:
@@ -97,22 +104,21 @@ def check_results_dir(results_dir: Path, profile: str) -> None:
                        "pass --force-results to overwrite them")
 
 
-def _reproduce(profile: Profile, results_dir: Path, args) -> int:
+def _reproduce(profile: Profile, results_dir: Path, *, seeds: int, force: list[str], progress: bool, jobs: int,
+               allow_changed_models: bool) -> int:
     from bts.pipeline.summary import build_metrics  # torch (bootstrap intervals, the head-drift ceiling)
 
     t0 = time.perf_counter()
     outs, runs_dirs, gates = [], [], []
-    jobs = getattr(args, "jobs", None) or profile.jobs
-    for s in range(args.seeds):
-        pipe = Pipeline(profile, s, args.force, progress=not args.no_progress,
-                        allow_changed_models=getattr(args, "allow_changed_models", False))
+    for s in range(seeds):
+        pipe = Pipeline(profile, s, force, progress=progress, allow_changed_models=allow_changed_models)
         outs.append(pipe.run(jobs))
         runs_dirs.append(pipe.runs)
         # the gate analysis of every seed's BTS feeds the gate claims; seed 0's also writes the figures
         gates.append(write_figures(profile, results_dir, profile.eval_threads) if s == 0
                      else gate_summary(pipe.runs, profile.eval_threads))
     metrics = build_metrics(profile.profile, outs, runs_dirs, gates, jobs=jobs, started=t0,
-                            allow_changed_models=getattr(args, "allow_changed_models", False))
+                            allow_changed_models=allow_changed_models)
     write_metrics_figures(metrics, results_dir)  # before the README, which shows them
     write_results(results_dir, metrics, gates[0])
     print(f"wrote {results_dir}/metrics.json and tables in {metrics['wall_seconds']:.0f} s")
@@ -150,7 +156,3 @@ def _gates(runs: Path, out_dir, threads: int | None, tb_log_dir: Path | None = N
         return analyze(runs / "bts", runs / "tokenizer", out_dir, tb_log_dir=tb_log_dir)
     finally:
         torch.set_num_threads(before)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
