@@ -372,9 +372,10 @@ def test_ipc_memory_outside_processes_is_refused():
 
 def test_unsafe_mode_ends_setsid_daemons(no_isolation, tmp_path):
     """Unisolated, a daemon (double fork and setsid) is killed with its job, when the job ends and when it times
-    out."""
+    out. The daemon publishes its pid by a rename, so the job never goes on while the file is still empty."""
     daemon = ("    import os, time\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
-              "            open({path!r}, 'w').write(str(os.getpid()))\n            time.sleep(60)\n"
+              "            open({path!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+              "            os.rename({path!r} + '.tmp', {path!r})\n            time.sleep(60)\n"
               "        os._exit(0)\n    while not os.path.exists({path!r}):\n        time.sleep(0.01)\n"
               "{tail}")
     for i, (tail, expect) in enumerate([("    return x + 1\n", "passed"),
