@@ -366,6 +366,44 @@ def test_a_profile_typo_fails_at_load_before_any_stage(tmp_path, capsys, key, va
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()  # nothing ran, nothing written
 
 
+def _fake_lm_eval(root: Path, body: str) -> Path:
+    """A package ``lm_eval`` (with ``lm_eval.tasks``) whose import runs ``body``, put first on the child's path."""
+    (root / "lm_eval").mkdir(parents=True)
+    (root / "lm_eval" / "__init__.py").write_text(body)
+    (root / "lm_eval" / "tasks.py").write_text("")
+    return root
+
+
+def test_a_profile_with_lm_eval_stages_is_refused_before_any_stage_where_lm_eval_cannot_import(
+        tmp_path, capsys, monkeypatch):
+    """A node whose lm-eval lacks a package it imports (datasets without pyarrow, seen on the GPU image's stack):
+    one line naming that package, before the first stage, nothing written."""
+    monkeypatch.setenv("PYTHONPATH", str(_fake_lm_eval(tmp_path / "site", "import pyarrow_not_here\n")))
+    prof = tmp_path / "harness.yaml"
+    stages = [{"name": "seed", "kind": "fit", "config": str(ROOT / "configs/seed/tiny.yaml")},
+              {"name": "lm_eval_seed", "kind": "command", "after": ["seed"], "report": "none",
+               "args": ["eval", "--harness", "--model", "{runs}/seed", "--harness-tasks", "bts_code_ppl"]}]
+    prof.write_text(yaml.safe_dump({"profile": "harness", "runs_dir": str(tmp_path / "runs"),
+                                    "results_dir": str(tmp_path / "results"), "stages": stages}))
+    assert bts_main(["reproduce", "--profile", str(prof), "--no-progress"]) == 2
+    line = _one_error(capsys)
+    assert "lm-eval cannot be imported: it needs the package 'pyarrow_not_here'" in line, line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_lm_eval_import_check_tells_missing_from_broken(tmp_path, monkeypatch):
+    from bts.core.io import BTSError
+    from bts.eval.harness_import import check_importable, import_error
+
+    assert "lm-eval is not installed" in str(import_error(ModuleNotFoundError("x", name="lm_eval")))
+    assert "needs the package 'pyarrow'" in str(import_error(ModuleNotFoundError("x", name="pyarrow.lib")))
+    monkeypatch.setenv("PYTHONPATH", str(_fake_lm_eval(tmp_path / "ok", "x = 1\n")))
+    check_importable()  # importable: no error
+    monkeypatch.setenv("PYTHONPATH", str(_fake_lm_eval(tmp_path / "broken", "raise RuntimeError('boom')\n")))
+    with pytest.raises(BTSError, match=r"lm-eval cannot be imported \(exit 1\): RuntimeError: boom"):
+        check_importable()
+
+
 def test_unknown_force_stage_lists_the_known_ones(capsys):
     profile = ROOT / "configs/reproduce/smoke.yaml"
     assert bts_main(["reproduce", "--profile", str(profile), "--force", "sed"]) == 2

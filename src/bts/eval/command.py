@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bts.core.io import BTSError, atomic_write_text, check_output_file
+from bts.eval.harness_import import import_error
 
 
 def _device(arg: str | None) -> str:
@@ -127,8 +128,8 @@ def _run_harness(args) -> dict:
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise BTSError("lm-eval is not installed: pip install -e '.[harness]'") from None
+    except ImportError as e:
+        raise import_error(e) from None
     from bts.eval.harness import BTSHarnessLM
     from bts.eval.local_tasks import ensure_for
 

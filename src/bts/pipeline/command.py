@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bts.cli import config_check
 from bts.core.io import BTSError, ensure_writable_dir, exclusive_lock
+from bts.eval import harness_import
 from bts.offline.node import activate
 from bts.pipeline.figures import write_loss_figures
 from bts.pipeline.figures_results import write_metrics_figures
@@ -68,6 +69,7 @@ def reproduce_command(profile: str = "tiny", seeds: int = 1, force: list[str] | 
         raise BTSError(f"--force: unknown stage {min(set(force) - set(known))!r} (stages of profile "
                        f"{loaded.profile}: {', '.join(known)})")
     check_accelerator(loaded)
+    check_harness(loaded)
     results_dir = ensure_writable_dir(loaded.results_dir)
     ensure_writable_dir(loaded.runs_dir)
     with exclusive_lock(Path(loaded.runs_dir) / ".lock", f"run directory {loaded.runs_dir}"):
@@ -86,6 +88,13 @@ def check_accelerator(profile: Profile) -> None:
     hint = f"run --profile {smoke.stem} on CPU" if smoke.is_file() else "run it on a machine with a GPU"
     for accelerator in asked:
         config_check.check_accelerator(accelerator, f"profile {profile.profile}: --trainer.accelerator", hint)
+
+
+def check_harness(profile: Profile) -> None:
+    """A profile with lm-eval stages on a machine where lm-eval cannot be imported (not installed, or a package it
+    imports missing): refuse it before the first stage rather than after the experts have trained."""
+    if any(s.kind == "command" and "--harness" in s.args for s in profile.stages):
+        harness_import.check_importable()
 
 
 def check_results_dir(results_dir: Path, profile: str) -> None:

@@ -1,0 +1,37 @@
+"""Whether lm-eval can be imported, and if not, why, in one line: ``bts eval --harness`` asks in-process; ``bts
+reproduce`` asks in a child process before its first stage when the profile has lm-eval stages, so that a node
+missing one of lm-eval's import-time packages (``datasets`` needs ``pyarrow``) is told so before the experts train,
+not after them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bts.core.io import BTSError
+
+INSTALL_HINT = "pip install -e '.[harness]'"
+
+
+def import_error(e: ImportError) -> BTSError:
+    """lm-eval itself missing, or a package lm-eval imports missing: the two need different fixes."""
+    missing = (getattr(e, "name", None) or "").split(".")[0]
+    if missing in ("", "lm_eval"):
+        return BTSError(f"lm-eval is not installed: {INSTALL_HINT}")
+    return BTSError(f"lm-eval cannot be imported: it needs the package {missing!r}, which is not installed here "
+                    f"({type(e).__name__}: {e})")
+
+
+def check_importable(python: str = sys.executable, timeout: float = 300) -> None:
+    """Import ``lm_eval.tasks`` in a child ``python`` (a few seconds; this process stays free of it); raise the
+    one-line ``BTSError`` of ``import_error`` if that fails."""
+    code = ("import sys\ntry:\n    import lm_eval.tasks\nexcept ImportError as e:\n"
+            "    print(getattr(e, 'name', None) or '', type(e).__name__, e, sep='\\t'); sys.exit(3)\n")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False, timeout=timeout)
+    if proc.returncode == 3:
+        name, kind, message = (proc.stdout.strip().split("\t") + ["", "", ""])[:3]
+        cls = ModuleNotFoundError if kind == "ModuleNotFoundError" else ImportError
+        raise import_error(cls(message, name=name or None)) from None
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BTSError(f"lm-eval cannot be imported (exit {proc.returncode}): {tail}")
