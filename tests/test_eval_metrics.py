@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -173,6 +174,40 @@ def test_char_to_token_spans_with_bpe():
     assert char_to_token_spans([(0, 4), (4, 8)], [(0, 2), (2, 6)]) == [None, None]
     assert char_to_token_spans([(0, 2), (2, 6)], [(0, 2), (3, 6)]) == [(0, 1), (1, 2)]
 
+
+
+def _char_to_token_spans_reference(offsets, char_spans):
+    """The definition, by a scan of every token per span (what the bisection must reproduce)."""
+    out, prev_end = [], 0
+    for cs, ce in char_spans:
+        idx = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
+        ok = idx and offsets[idx[0]][0] >= prev_end and offsets[idx[-1]][1] <= ce and idx[-1] + 1 - idx[0] == len(idx)
+        out.append((idx[0], idx[-1] + 1) if ok else None)
+        prev_end = ce
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_char_to_token_spans_matches_the_scan(seed):
+    rng = random.Random(seed)
+    offsets, pos = [], 0
+    for _ in range(rng.randint(0, 60)):
+        kind = rng.random()
+        if kind < 0.1:
+            offsets.append((0, 0))  # a special token
+        elif kind < 0.2:
+            offsets.append((pos, pos))  # zero-width
+        else:
+            width = rng.randint(1, 4)
+            start = max(0, pos - rng.randint(0, 1)) if kind < 0.3 else pos  # some tokens overlap the previous one
+            offsets.append((start, start + width))
+            pos = start + width
+    if seed % 4 == 3 and len(offsets) > 2:  # offsets out of order: the scan fallback
+        rng.shuffle(offsets)
+    text_len = max([e for _, e in offsets] + [1])
+    cuts = sorted(rng.sample(range(text_len + 1), min(text_len + 1, 2 * rng.randint(0, 10))))
+    spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+    assert char_to_token_spans(offsets, spans) == _char_to_token_spans_reference(offsets, spans)
 
 def test_pass_at_k():
     assert pass_at_k([1, 1, 1, 1], [1, 0, 0, 1], 1) == pytest.approx(50.0)

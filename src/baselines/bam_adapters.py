@@ -45,9 +45,11 @@ from baselines.moe import (
     read_json,
     router_weight,
 )
+from bts.core import tree_attention
 from bts.core.hf_compat import causal_masks
 from bts.core.io import BTSError, atomic_write_json
 from bts.core.params import ParamCounts, count_params
+from bts.core.tree_attention import TreeRows
 from bts.dense.modeling import decoder_parts, freeze
 from bts.training import flops
 from bts.training.module import LMTrainingModule
@@ -116,11 +118,15 @@ class BAMAdaptersModel(BaselineLM):
             m.eval()  # frozen models never switch dropout on
         return self
 
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.LongTensor, tree: TreeRows | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if tree is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            masks = causal_masks(self.config, h, position_ids)
+        else:  # packed rows: their positions and 4D mask (bts.core.tree_attention)
+            position_ids = tree.position_ids
+            masks = [tree.attention_mask(self.config, h.dtype)] * len(self.attn_routers)
         position_embeddings = self.rotary_emb(h, position_ids)
-        masks = causal_masks(self.config, h, position_ids)
         for i in range(len(self.attn_routers)):
             layers = [model_layers[i] for model_layers in self.model_layers]
             # attention: h = h + sum_m r_m A_m(attn_m(norm^in_m(h)))
@@ -140,6 +146,13 @@ class BAMAdaptersModel(BaselineLM):
             outs = [layer.mlp(x) for layer, x in zip(layers, normed)]
             h = h + self._mix(normed[0], outs, self.ffn_routers[i], self.ffn_adapters[i])
         return self.lm_head(self.norm(h))
+
+    def forward_tree(self, input_ids: torch.LongTensor, tree: TreeRows) -> torch.Tensor:
+        """Logits of packed rows; the routers and adapters are token-wise, so they see no packing."""
+        return self(input_ids, tree)
+
+    def supports_tree_attention(self) -> bool:
+        return tree_attention.supports(self.config)
 
     @staticmethod
     def _mix(router_input, outs, router: nn.Linear, adapters: nn.ModuleList) -> torch.Tensor:

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from baselines.merge import check_model_dirs, check_output_dir
-from bts.core import hf_compat
+from bts.core import hf_compat, tree_attention
 from bts.core.io import BTSError, atomic_dir, atomic_write_json, copy_tokenizer_files, state_dict_sha256
 from bts.core.language_model import sample_next
 from bts.core.params import ParamCounts, count_params
+from bts.core.tree_attention import TreeRows
 from bts.dense.modeling import freeze, load_causal_lm
 
 
@@ -145,6 +146,22 @@ class BTMEnsemble(nn.Module):
         logps = self._member_log_probs(input_ids)
         log_post = self._log_posterior_from(self._prefix_log_lik(logps, input_ids))
         return self._mix(log_post, logps)
+
+    def forward_tree(self, input_ids: Tensor, tree: TreeRows) -> Tensor:
+        """Log-probabilities ``[B, T, V]`` of the mixture on packed rows (``bts.core.tree_attention``): the
+        posterior at a position conditions on the tokens it attends to (the shared context and its own
+        continuation), exactly as on that continuation's own row."""
+        logps = torch.stack([torch.log_softmax(tree_attention.hf_logits(m, input_ids, tree).float(), dim=-1)
+                             for m in self.models])  # [M, B, T, V]
+        before = tree.predecessors()  # the position whose output predicts each token; -1 for none
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        tok = logps[:, rows, before.clamp(min=0), input_ids].double()  # [M, B, T]
+        tok = torch.where(before >= 0, tok, torch.zeros_like(tok))
+        prefix_ll = torch.einsum("bts,mbs->mbt", tree.visible.double(), tok)  # sum over the tokens seen so far
+        return self._mix(self._log_posterior_from(prefix_ll), logps)
+
+    def supports_tree_attention(self) -> bool:
+        return all(tree_attention.supports(m.config) for m in self.models)
 
     @torch.no_grad()
     def posterior(self, input_ids: Tensor) -> Tensor:

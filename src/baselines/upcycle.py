@@ -33,6 +33,7 @@ from baselines.moe import (
     switch_load_balancing_loss,
 )
 from bts.core.io import BTSError, atomic_write_json
+from bts.core.language_model import HFTreeAttention
 from bts.core.params import ParamCounts, count_params
 from bts.dense.modeling import decoder_parts, load_causal_lm
 from bts.dense.module import hf_hidden_and_head
@@ -43,7 +44,7 @@ ROUTING_OF_VARIANT = {"sample": "gumbel", "soft": "soft", "top2": "topk"}
 MIXTRAL_EXPORTABLE_TYPES = ("llama", "mistral")
 
 
-class BTXModel(BaselineLM):
+class BTXModel(HFTreeAttention, BaselineLM):
     """A BTX mixture-of-experts LM (Sukhbaatar et al. 2024, arXiv 2403.07816): ``model`` is a Hugging Face causal
     LM whose layers' ``mlp`` are ``MoEFFN`` blocks. ``forward(input_ids) -> logits``; ``aux_loss()`` is the
     load-balancing loss of the last forward (top2 only)."""
@@ -244,7 +245,7 @@ def build_btx(
     return BTXModel(model, variant, load_balance_coef)
 
 
-class MixtralLM(BaselineLM):
+class MixtralLM(HFTreeAttention, BaselineLM):
     """A Mixtral checkpoint (e.g. an exported BTX) behind the LanguageModel interface, with Table 2 counts."""
 
     def __init__(self, model: MixtralForCausalLM):

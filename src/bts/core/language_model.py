@@ -2,7 +2,9 @@
 
 A ``LanguageModel`` maps ``input_ids [B, T]`` to next-token scores ``[B, T, V]`` (logits or log-probabilities:
 the suite only applies ``log_softmax``, which leaves log-probabilities unchanged) and can ``generate``.
-Sequences are never padded: evaluation batches hold equal-length rows.
+Sequences are never padded: evaluation batches hold equal-length rows. A model may also score packed rows, a
+shared context with several continuations (``forward_tree``, ``bts.core.tree_attention``); multiple-choice scoring
+uses that where ``supports_tree_attention()`` says so.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from bts.core import tree_attention
+from bts.core.tree_attention import TreeRows
 
 
 @runtime_checkable
@@ -65,7 +70,21 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class HFLanguageModel(nn.Module):
+class HFTreeAttention:
+    """Packed rows (``bts.core.tree_attention``) for a wrapper whose ``model`` is a Hugging Face causal LM: the tree's
+    4D mask, which the model takes as is, and its position ids. Token-wise blocks (MoE routers) see no packing."""
+
+    model: nn.Module
+
+    def forward_tree(self, input_ids: torch.LongTensor, tree: TreeRows) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of packed rows."""
+        return tree_attention.hf_logits(self.model, input_ids, tree)
+
+    def supports_tree_attention(self) -> bool:
+        return tree_attention.supports(self.model.config)
+
+
+class HFLanguageModel(HFTreeAttention, nn.Module):
     """A Hugging Face causal LM behind the ``LanguageModel`` interface (dense models and static merges)."""
 
     def __init__(self, model: nn.Module):

@@ -28,11 +28,13 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 
-from bts.core import hf_compat
+from bts.core import hf_compat, tree_attention
 from bts.core.io import BTSError, state_dict_sha256
 from bts.core.language_model import sample_next
 from bts.core.params import ParamCounts, count_params
+from bts.core.tree_attention import TreeRows
 from bts.dense.modeling import DecoderParts, decoder_parts, load_causal_lm
+from bts.stitch.gates.recorder import GateRecorder
 from bts.stitch.layer import H2E_GATE_INITS, STITCH_INITS, StitchLayer
 
 
@@ -108,31 +110,6 @@ def stitch_placement(num_layers: int, config: StitchConfig) -> list[tuple[int, s
         kind = "e2h" if config.all_e2h or (k - 1 - j) % 2 == 0 else "h2e"
         out.append((after, kind))
     return out
-
-
-class GateRecorder:
-    """Per-token gate values of every E2H stitch layer, collected while ``StitchedLM.record_gates()`` is active.
-
-    ``gates[i]`` is ``[B, T, n + 1]`` (mean over hidden dims; model order = ``names``, hub first) for the i-th E2H
-    layer, which sits after transformer layer ``after_layers[i]``. Successive forward calls (e.g. cached generation)
-    are concatenated along T.
-    """
-
-    def __init__(self, names: list[str], after_layers: list[int], stitch_indices: list[int]):
-        self.names = list(names)
-        self.after_layers = list(after_layers)
-        self.stitch_indices = list(stitch_indices)
-        self._chunks: list[list[torch.Tensor]] = [[] for _ in stitch_indices]
-
-    def _add(self, stitch_index: int, gates: torch.Tensor) -> None:
-        self._chunks[self.stitch_indices.index(stitch_index)].append(gates.detach().float().cpu())
-
-    @property
-    def gates(self) -> list[torch.Tensor]:
-        return [torch.cat(c, dim=1) if c else torch.empty(0) for c in self._chunks]
-
-    def clear(self) -> None:
-        self._chunks = [[] for _ in self.stitch_indices]
 
 
 def default_expert_names(dirs: Sequence[str | Path]) -> list[str]:
@@ -382,6 +359,13 @@ class StitchedLM(nn.Module):
         """
         return self.output_head(self.hidden_states(input_ids, caches, past_length))
 
+    def forward_tree(self, input_ids: torch.LongTensor, tree: TreeRows) -> torch.Tensor:
+        """Hub logits ``[B, T, V]`` of packed rows (``bts.core.tree_attention``): every model runs them."""
+        return self.output_head(self.hidden_states(input_ids, tree=tree))
+
+    def supports_tree_attention(self) -> bool:
+        return all(tree_attention.supports(p.config) for p in self._parts)
+
     @property
     def output_head(self) -> nn.Module:
         """The hub's LM head: the model's output layer (its input is ``hidden_states``)."""
@@ -392,27 +376,29 @@ class StitchedLM(nn.Module):
         input_ids: torch.LongTensor,
         caches: Sequence[DynamicCache] | None = None,
         past_length: int | None = None,
+        tree: TreeRows | None = None,
     ) -> torch.Tensor:
         """The hub's final-normed hidden states ``[B, T, d]`` after the last E2H mixture (``forward`` without the
-        head; the training loss applies the head chunk by chunk, ``bts.training.losses``)."""
+        head; the training loss applies the head chunk by chunk, ``bts.training.losses``); ``tree``: packed rows,
+        with their positions and 4D mask instead of the causal ones (no cache)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         n_models = len(self.models)
         use_cache = caches is not None
-        if use_cache and len(caches) != n_models:
-            raise ValueError(f"need {n_models} caches (one per model), got {len(caches)}")
+        if use_cache and (len(caches) != n_models or tree is not None):
+            raise ValueError(f"need {n_models} caches (one per model) and no tree, got {len(caches)}")
         if past_length is None:
             past_length = caches[0].get_seq_length() if use_cache else 0
         t = input_ids.shape[1]
-        position_ids = torch.arange(past_length, past_length + t, device=input_ids.device).unsqueeze(
-            0
-        )  # [1, T]
+        position_ids = (tree.position_ids if tree is not None
+                        else torch.arange(past_length, past_length + t, device=input_ids.device)[None])  # [1|B, T]
 
         states, masks, rotary = [], [], []
         for i, parts in enumerate(self._parts):
             h = parts.embed_tokens(input_ids)  # [B, T, d]
             cache = caches[i] if use_cache else None
-            masks.append(hf_compat.causal_masks(parts.config, h, position_ids, cache, self._layer_types[i]))
+            masks.append([tree.attention_mask(parts.config, h.dtype)] * self.num_layers if tree is not None else
+                         hf_compat.causal_masks(parts.config, h, position_ids, cache, self._layer_types[i]))
             rotary.append(parts.rotary_emb(h, position_ids))
             states.append(h)
 

@@ -13,8 +13,11 @@ unnormalised score carries little signal. Where the training document ends after
 translations), the candidate is scored with the EOS that ends the document, so a prefix of the truth ("1" for
 "12") is not a free win. Candidate tokens are the tokens of ``prompt + candidate`` after those of the prompt (as
 the model saw the text in training; the prompt is cut before the whitespace that leads the candidate). Every
-candidate of an item sees the same (left-truncated) context; rows are scored pad-free, batched across items
-among rows of equal length. The length-normalised variant (log-probability per UTF-8 byte of the candidate,
+candidate of an item sees the same (left-truncated) context. By default (``mc_shared_prefix``) an item is one packed
+row, the context once and then every candidate, each candidate at the positions it would have after the context and
+attending to the context and to itself only (``bts.core.tree_attention``): the same scores up to round-off for
+2.3-3.3x fewer tokens. A model without ``forward_tree`` (expert routing, whose router reads the whole row) gets one
+pad-free row per candidate, batched across items among rows of equal length. The length-normalised variant (log-probability per UTF-8 byte of the candidate,
 lm-eval's ``acc_norm``) is reported in ``extra`` as ``*_mc_acc_norm``.
 
 Teacher-forced spans (``code_next_line_em``, ``general_next_word_acc``): one forward pass per document; a span
@@ -31,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bts.core import tree_attention
 from bts.core.io import BTSError
+from bts.core.tree_attention import TreeRows
 from bts.eval.metrics import (
     char_to_token_spans,
     continuation_logprobs,
@@ -142,16 +147,23 @@ def mc_item(ctx: Context, rng: random.Random, head: list[int], prompt: str, sep:
 
 def score_mc(ctx: Context, items: Sequence[MCItem], desc: str = "mc") -> list[list[float]]:
     """Total log-probability of every candidate of every item given its context (left-truncated so that the
-    longest candidate of the item fits ``max_context``; all candidates of an item see the same context). Rows
-    are never padded: rows of equal length (from any items) share a forward pass of at most ``mc_batch_tokens``
-    tokens."""
-    rows: dict[int, list[tuple[list[int], int, int, int]]] = {}
-    for i, it in enumerate(items):
+    longest candidate of the item fits ``max_context``; all candidates of an item see the same context).
+
+    One row per candidate, never padded: rows of equal length (from any items) share a forward pass of at most
+    ``mc_batch_tokens`` tokens. With ``mc_shared_prefix`` and a model that supports it, one packed row per item
+    instead (``_score_packed``)."""
+    prepared = []
+    for it in items:
         keep = ctx.max_context - max(len(c) for c in it.candidate_ids)
         context = it.context[-keep:] if keep > 0 else []
         if not context:
             raise BTSError(f"{desc}: a candidate does not fit the context of {ctx.max_context} tokens")
-        for j, cand in enumerate(it.candidate_ids):
+        prepared.append((context, it.candidate_ids))
+    if shared_prefix(ctx):
+        return _score_packed(ctx, prepared, desc)
+    rows: dict[int, list[tuple[list[int], int, int, int]]] = {}
+    for i, (context, candidates) in enumerate(prepared):
+        for j, cand in enumerate(candidates):
             ids = context + cand
             rows.setdefault(len(ids), []).append((ids, len(cand), i, j))
     out = [[0.0] * len(it.candidate_ids) for it in items]
@@ -167,6 +179,58 @@ def score_mc(ctx: Context, items: Sequence[MCItem], desc: str = "mc") -> list[li
     return out
 
 
+def shared_prefix(ctx: Context) -> bool:
+    """Whether multiple choice is scored from packed rows (``EvalConfig.mc_shared_prefix`` and the model can)."""
+    return ctx.cfg.mc_shared_prefix and tree_attention.model_supports(ctx.model)
+
+
+def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[int]]]], desc: str) -> list[list[float]]:
+    """``score_mc`` from one row per item: its context, then every candidate, each candidate at the positions it
+    would have after the context and attending to the context and to itself only (``bts.core.tree_attention``).
+    Rows, longest first, share a forward pass up to ``mc_batch_tokens`` tokens counting the padding at their ends
+    (a padding position attends to itself only, and no real position attends to it)."""
+    order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i][0]) + sum(map(len, prepared[i][1]))))
+    batches, k = [], 0
+    while k < len(order):
+        i = order[k]
+        rows = max(1, ctx.cfg.mc_batch_tokens // (len(prepared[i][0]) + sum(map(len, prepared[i][1]))))
+        batches.append(order[k: k + rows])
+        k += rows
+    out = [[0.0] * len(cands) for _, cands in prepared]
+    for batch in ctx.bar(batches, desc):
+        width = max(len(prepared[i][0]) + sum(map(len, prepared[i][1])) for i in batch)
+        x = torch.full((len(batch), width), ctx.eos, dtype=torch.long)
+        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        visible = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)
+        at, owner = [], []  # (row, predicting position, token) per scored token; its (item, candidate)
+        for r, i in enumerate(batch):
+            context, candidates = prepared[i]
+            n = len(context)
+            x[r, :n] = torch.tensor(context)
+            position_ids[r, :n] = torch.arange(n)
+            visible[r, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            start = n
+            for j, cand in enumerate(candidates):
+                end = start + len(cand)
+                x[r, start:end] = torch.tensor(cand)
+                position_ids[r, start:end] = torch.arange(n, n + len(cand))
+                visible[r, start:end, :n] = True
+                visible[r, start:end, start:end] = torch.ones(len(cand), len(cand), dtype=torch.bool).tril()
+                at += [(r, n - 1 if o == 0 else start + o - 1, tok) for o, tok in enumerate(cand)]
+                owner += [(i, j)] * len(cand)
+                start = end
+        tree = TreeRows(position_ids.to(ctx.device), visible.to(ctx.device))
+        scores = ctx.model.forward_tree(x.to(ctx.device), tree)
+        r_idx, p_idx, t_idx = (torch.tensor(v, device=ctx.device) for v in zip(*at))
+        tok_lp = torch.log_softmax(scores[r_idx, p_idx].float(), dim=-1).gather(-1, t_idx[:, None])[:, 0]
+        sums: dict[tuple[int, int], float] = {}
+        for key, v in zip(owner, tok_lp.double().cpu().tolist()):  # float64 sums, token order: as continuation_logprobs
+            sums[key] = sums.get(key, 0.0) + v
+        for (i, j), v in sums.items():
+            out[i][j] = v
+    return out
+
+
 def run_mc(ctx: Context, name: str, items: Sequence[MCItem]) -> TaskOutput:
     """Score one multiple-choice metric: its per-item credit (the cell) and, as ``<name>_norm`` in ``extra``, the
     accuracy of the score per UTF-8 byte of the candidate text."""
@@ -175,6 +239,8 @@ def run_mc(ctx: Context, name: str, items: Sequence[MCItem]) -> TaskOutput:
     norm = [[lp / max(1, len(t.encode("utf-8"))) for lp, t in zip(row, it.candidates)]
             for row, it in zip(logp, items)]
     out = TaskOutput()
+    out.formats["mc_scoring"] = ("shared prefix: one packed row per item" if shared_prefix(ctx)
+                                 else "one row per candidate")
     out.add_cell(name, multiple_choice_credit(logp, answers), [1] * len(items))
     out.extra[f"{name}_norm"] = multiple_choice_accuracy(norm, answers)
     return out

@@ -37,7 +37,8 @@ Errors in the input (missing checkpoint, tokenizer, records; a tokenizer larger 
 ``BTSError`` before anything is written; ``bts gates`` (``command.gates_command``) prints them as one ``error: ...`` line and
 exits 2.
 
-Modules: ``trace`` (recording the gates), ``prompts`` (domain and context-switching prompts), ``summary`` (means,
+Modules: ``recorder`` (``GateRecorder``, what ``StitchedLM.record_gates()`` fills), ``trace`` (recording the gates of
+prompts), ``prompts`` (domain and context-switching prompts), ``summary`` (means,
 the specialisation flags, the markdown table), ``figures`` (PNGs and TensorBoard), ``analysis`` (``analyze``: all
 of it for one checkpoint), ``command`` (``bts gates``).
 """
