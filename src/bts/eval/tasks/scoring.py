@@ -188,7 +188,7 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
     """``score_mc`` from one row per item: its context, then every candidate, each candidate at the positions it
     would have after the context and attending to the context and to itself only (``bts.core.tree_attention``).
     Rows, longest first, share a forward pass up to ``mc_batch_tokens`` tokens counting the padding at their ends
-    (a padding position attends to itself only, and no real position attends to it)."""
+    (no real position attends to padding). The mask is built on the model's device from one segment id per token."""
     order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i][0]) + sum(map(len, prepared[i][1]))))
     batches, k = [], 0
     while k < len(order):
@@ -199,32 +199,34 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
     out = [[0.0] * len(cands) for _, cands in prepared]
     for batch in ctx.bar(batches, desc):
         width = max(len(prepared[i][0]) + sum(map(len, prepared[i][1])) for i in batch)
-        x = torch.full((len(batch), width), ctx.eos, dtype=torch.long)
-        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        visible = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)
+        ids, pos, seg = [], [], []  # per row: tokens, positions, segment (0 context, j + 1 candidate j, -1 padding)
         at, owner = [], []  # (row, predicting position, token) per scored token; its (item, candidate)
         for r, i in enumerate(batch):
             context, candidates = prepared[i]
             n = len(context)
-            x[r, :n] = torch.tensor(context)
-            position_ids[r, :n] = torch.arange(n)
-            visible[r, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-            start = n
+            row_ids, row_pos, row_seg = list(context), list(range(n)), [0] * n
             for j, cand in enumerate(candidates):
-                end = start + len(cand)
-                x[r, start:end] = torch.tensor(cand)
-                position_ids[r, start:end] = torch.arange(n, n + len(cand))
-                visible[r, start:end, :n] = True
-                visible[r, start:end, start:end] = torch.ones(len(cand), len(cand), dtype=torch.bool).tril()
+                start = len(row_ids)
                 at += [(r, n - 1 if o == 0 else start + o - 1, tok) for o, tok in enumerate(cand)]
                 owner += [(i, j)] * len(cand)
-                start = end
-        tree = TreeRows(position_ids.to(ctx.device), visible.to(ctx.device))
-        scores = ctx.model.forward_tree(x.to(ctx.device), tree)
+                row_ids += cand
+                row_pos += range(n, n + len(cand))
+                row_seg += [j + 1] * len(cand)
+            pad = width - len(row_ids)
+            ids.append(row_ids + [ctx.eos] * pad)
+            pos.append(row_pos + [0] * pad)
+            seg.append(row_seg + [-1] * pad)
+        seg_t = torch.tensor(seg, device=ctx.device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=ctx.device).tril()
+        # t sees s <= t of the context or of its own segment (padding sees the context and padding: harmless,
+        # as no real position comes after it)
+        visible = causal & ((seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None]))
+        tree = TreeRows(torch.tensor(pos, device=ctx.device), visible)
+        scores = ctx.model.forward_tree(torch.tensor(ids, device=ctx.device), tree)
         r_idx, p_idx, t_idx = (torch.tensor(v, device=ctx.device) for v in zip(*at))
         tok_lp = torch.log_softmax(scores[r_idx, p_idx].float(), dim=-1).gather(-1, t_idx[:, None])[:, 0]
         sums: dict[tuple[int, int], float] = {}
-        for key, v in zip(owner, tok_lp.double().cpu().tolist()):  # float64 sums, token order: as continuation_logprobs
+        for key, v in zip(owner, tok_lp.double().cpu().tolist()):  # float64 sums in token order
             sums[key] = sums.get(key, 0.0) + v
         for (i, j), v in sums.items():
             out[i][j] = v
