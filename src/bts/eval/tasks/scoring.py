@@ -13,12 +13,13 @@ unnormalised score carries little signal. Where the training document ends after
 translations), the candidate is scored with the EOS that ends the document, so a prefix of the truth ("1" for
 "12") is not a free win. Candidate tokens are the tokens of ``prompt + candidate`` after those of the prompt (as
 the model saw the text in training; the prompt is cut before the whitespace that leads the candidate). Every
-candidate of an item sees the same (left-truncated) context. By default (``mc_shared_prefix``) an item is one packed
-row, the context once and then every candidate, each candidate at the positions it would have after the context and
-attending to the context and to itself only (``bts.core.tree_attention``): the same scores up to round-off for
-2.3-3.3x fewer tokens. A model without ``forward_tree`` (expert routing, whose router reads the whole row) gets one
-pad-free row per candidate, batched across items among rows of equal length. The length-normalised variant (log-probability per UTF-8 byte of the candidate,
-lm-eval's ``acc_norm``) is reported in ``extra`` as ``*_mc_acc_norm``.
+candidate of an item sees the same (left-truncated) context. By default (``mc_shared_prefix``) an item is one
+packed row, the context once and then every candidate, each candidate at the positions it would have after the
+context and attending to the context and to itself only (``bts.core.tree_attention``): the same scores up to
+round-off for 2.3-3.3x fewer tokens. A model without ``forward_tree`` (expert routing, whose router reads the whole
+row) gets one pad-free row per candidate, batched across items among rows of equal length. The length-normalised
+variant (log-probability per UTF-8 byte of the candidate, lm-eval's ``acc_norm``) is reported in ``extra`` as
+``*_mc_acc_norm``.
 
 Teacher-forced spans (``code_next_line_em``, ``general_next_word_acc``): one forward pass per document; a span
 (line, word) is a hit when every one of its tokens is the argmax given the true prefix
@@ -189,16 +190,16 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
     would have after the context and attending to the context and to itself only (``bts.core.tree_attention``).
     Rows, longest first, share a forward pass up to ``mc_batch_tokens`` tokens counting the padding at their ends
     (no real position attends to padding). The mask is built on the model's device from one segment id per token."""
-    order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i][0]) + sum(map(len, prepared[i][1]))))
+    length = [len(context) + sum(map(len, candidates)) for context, candidates in prepared]
+    order = sorted(range(len(prepared)), key=lambda i: -length[i])
     batches, k = [], 0
     while k < len(order):
-        i = order[k]
-        rows = max(1, ctx.cfg.mc_batch_tokens // (len(prepared[i][0]) + sum(map(len, prepared[i][1]))))
+        rows = max(1, ctx.cfg.mc_batch_tokens // length[order[k]])
         batches.append(order[k: k + rows])
         k += rows
     out = [[0.0] * len(cands) for _, cands in prepared]
     for batch in ctx.bar(batches, desc):
-        width = max(len(prepared[i][0]) + sum(map(len, prepared[i][1])) for i in batch)
+        width = length[batch[0]]  # the longest row of the batch
         ids, pos, seg = [], [], []  # per row: tokens, positions, segment (0 context, j + 1 candidate j, -1 padding)
         at, owner = [], []  # (row, predicting position, token) per scored token; its (item, candidate)
         for r, i in enumerate(batch):
