@@ -178,3 +178,7 @@ def test_predecessors_follow_the_tree():
     v[8, 8] = True
     tree = TreeRows(torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 0]]), v[None])
     assert tree.predecessors().tolist() == [[-1, 0, 1, 2, 3, 2, 5, 6, -1]]
+    # the same layout from segment ids (padding also sees the context there; no real position sees padding)
+    built = TreeRows.from_segments(tree.position_ids, torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1]]))
+    assert torch.equal(built.visible[0, :8], v[:8]) and not built.visible[0, :8, 8].any()
+    assert built.predecessors()[0, :8].tolist() == [-1, 0, 1, 2, 3, 2, 5, 6]

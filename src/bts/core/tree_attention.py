@@ -35,6 +35,16 @@ class TreeRows:
     visible: torch.Tensor
     """``[B, T, T]`` bool: ``visible[b, t, s]`` when position ``t`` attends to position ``s``."""
 
+    @classmethod
+    def from_segments(cls, position_ids: torch.Tensor, segments: torch.Tensor) -> TreeRows:
+        """Rows given by one segment id per token (``[B, T]``: 0 the shared context, ``k > 0`` continuation ``k``,
+        -1 padding at a row's end): a position sees every earlier position of the context or of its own segment.
+        (Padding sees the context and earlier padding; no real position comes after it, so none sees it.)"""
+        t = segments.shape[-1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+        keys, queries = segments[:, None, :], segments[:, :, None]
+        return cls(position_ids, causal & ((keys == 0) | (keys == queries)))
+
     def attention_mask(self, config, dtype: torch.dtype) -> torch.Tensor:
         """The 4D mask ``[B, 1, T, T]`` that ``config``'s attention implementation takes as is."""
         impl = getattr(config, "_attn_implementation", None) or "eager"

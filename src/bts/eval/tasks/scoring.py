@@ -189,7 +189,8 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
     """``score_mc`` from one row per item: its context, then every candidate, each candidate at the positions it
     would have after the context and attending to the context and to itself only (``bts.core.tree_attention``).
     Rows, longest first, share a forward pass up to ``mc_batch_tokens`` tokens counting the padding at their ends
-    (no real position attends to padding). The mask is built on the model's device from one segment id per token."""
+    (no real position attends to padding). The mask is built on the model's device from one segment id per token
+    (``TreeRows.from_segments``), and each candidate token is scored at its predecessor in the tree."""
     length = [len(context) + sum(map(len, candidates)) for context, candidates in prepared]
     order = sorted(range(len(prepared)), key=lambda i: -length[i])
     batches, k = [], 0
@@ -201,15 +202,11 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
     for batch in ctx.bar(batches, desc):
         width = length[batch[0]]  # the longest row of the batch
         ids, pos, seg = [], [], []  # per row: tokens, positions, segment (0 context, j + 1 candidate j, -1 padding)
-        at, owner = [], []  # (row, predicting position, token) per scored token; its (item, candidate)
-        for r, i in enumerate(batch):
+        for i in batch:
             context, candidates = prepared[i]
             n = len(context)
             row_ids, row_pos, row_seg = list(context), list(range(n)), [0] * n
             for j, cand in enumerate(candidates):
-                start = len(row_ids)
-                at += [(r, n - 1 if o == 0 else start + o - 1, tok) for o, tok in enumerate(cand)]
-                owner += [(i, j)] * len(cand)
                 row_ids += cand
                 row_pos += range(n, n + len(cand))
                 row_seg += [j + 1] * len(cand)
@@ -217,18 +214,16 @@ def _score_packed(ctx: Context, prepared: Sequence[tuple[list[int], list[list[in
             ids.append(row_ids + [ctx.eos] * pad)
             pos.append(row_pos + [0] * pad)
             seg.append(row_seg + [-1] * pad)
-        seg_t = torch.tensor(seg, device=ctx.device)
-        causal = torch.ones(width, width, dtype=torch.bool, device=ctx.device).tril()
-        # t sees s <= t of the context or of its own segment (padding sees the context and padding: harmless,
-        # as no real position comes after it)
-        visible = causal & ((seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None]))
-        tree = TreeRows(torch.tensor(pos, device=ctx.device), visible)
-        scores = ctx.model.forward_tree(torch.tensor(ids, device=ctx.device), tree)
-        r_idx, p_idx, t_idx = (torch.tensor(v, device=ctx.device) for v in zip(*at))
-        tok_lp = torch.log_softmax(scores[r_idx, p_idx].float(), dim=-1).gather(-1, t_idx[:, None])[:, 0]
+        x, seg_t = torch.tensor(ids, device=ctx.device), torch.tensor(seg, device=ctx.device)
+        tree = TreeRows.from_segments(torch.tensor(pos, device=ctx.device), seg_t)
+        scores = ctx.model.forward_tree(x, tree)
+        r_idx, t_idx = (seg_t > 0).nonzero(as_tuple=True)  # every candidate token, in row order
+        p_idx = tree.predecessors()[r_idx, t_idx]  # the position whose output predicts it
+        tok_lp = torch.log_softmax(scores[r_idx, p_idx].float(), dim=-1).gather(-1, x[r_idx, t_idx, None])[:, 0]
+        owner = zip(r_idx.tolist(), (seg_t[r_idx, t_idx] - 1).tolist())
         sums: dict[tuple[int, int], float] = {}
-        for key, v in zip(owner, tok_lp.double().cpu().tolist()):  # float64 sums in token order
-            sums[key] = sums.get(key, 0.0) + v
+        for (r, j), v in zip(owner, tok_lp.double().cpu().tolist()):  # float64 sums in token order
+            sums[batch[r], j] = sums.get((batch[r], j), 0.0) + v
         for (i, j), v in sums.items():
             out[i][j] = v
     return out
